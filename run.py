@@ -1,0 +1,30 @@
+r"""Runs one bioscan-jax experiment, chosen by its config.
+
+  python run.py --config=configs/barcodebert.py
+  python run.py --config=configs/barcodebert.py:paper --config.data.manual_dir=/data/bioscan5m
+  python run.py --config=configs/clibd.py --workdir=/ckpt/clibd
+
+The config's ``task`` names a module in ``bioscan_jax.tasks`` whose ``run(config, workdir)``
+does the work and returns a summary dict.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from bioscan_jax import tasks
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config(arg)).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and reports go here (default: config.workdir).")
+
+
+def main(argv):
+    del argv
+    config = _CONFIG.value
+    workdir = _WORKDIR.value or config.get("workdir") or f"workdirs/{config.task}"
+    logging.info("task=%s workdir=%s", config.task, workdir)
+    tasks.run(config, workdir)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config"])
+    app.run(main)

@@ -27,22 +27,3 @@ def parse_arg(arg: str | None, *, variants: tuple[str, ...], **defaults) -> ml_c
     if out["variant"] not in variants:
         raise ValueError(f"Unknown variant {out['variant']!r}; valid variants: {', '.join(variants)}")
     return ml_collections.ConfigDict(out)
-
-
-def mesh_config(data: int = -1, fsdp: int = 1, tensor: int = 1) -> ml_collections.ConfigDict:
-    """Mesh axis sizes; -1 fills the remaining devices."""
-    return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor))
-
-
-#: Logical parameter/activation axis -> mesh axes (MaxText style). Kept in the config so a
-#: run can change its parallelism without touching model code.
-SHARDING_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv", None),
-    ("vocab", "tensor"),
-    ("classes", "tensor"),
-    ("norm", None),
-)

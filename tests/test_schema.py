@@ -52,6 +52,7 @@ def test_image_relpath():
     assert schema.image_relpath("cropped_256", "pretrain", "0a", "P1") == "bioscan5m/images/cropped_256/pretrain/0a/P1.jpg"
     assert schema.image_relpath("cropped_256", "test", "", "P1") == "bioscan5m/images/cropped_256/test/P1.jpg"
     assert schema.image_relpath("original_full", "test", None, "P1") == "bioscan5m/images/original_full/test/P1.jpg"
+    assert schema.image_relpath("cropped", "val", pd.NA, "P1") == "bioscan5m/images/cropped/val/P1.jpg"
     with pytest.raises(ValueError, match="Unknown image package"):
         schema.image_relpath("thumbnails", "test", "", "P1")
 

@@ -147,7 +147,7 @@ def image_relpath(package: str, split: str, chunk: str | None, processid: str) -
     if package not in IMAGE_PACKAGES:
         raise ValueError(f"Unknown image package {package!r}; valid: {', '.join(IMAGE_PACKAGES)}")
     parts = [IMAGES_RELDIR, package, split]
-    if chunk is not None and not (isinstance(chunk, float) and np.isnan(chunk)) and chunk != "":
+    if not pd.isna(chunk) and chunk != "":
         parts.append(str(chunk))
     parts.append(f"{processid}.jpg")
     return "/".join(parts)

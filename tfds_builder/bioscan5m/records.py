@@ -1,0 +1,276 @@
+"""Reading and checking the metadata CSV, and turning its rows into TFDS examples.
+
+Bad input never disappears silently. Each problem has a *reason*:
+
+===================== =================================================================
+``malformed_row``     wrong number of fields, an unparseable number, an empty processid
+``unknown_split``     a ``split`` value that is not one of :data:`schema.SPLITS`
+``duplicate_processid`` a processid seen on an earlier row (the first row is kept)
+``missing_image``     the image of a record is not in the image folder / zips
+``bad_image``         the image is not a JPEG or is truncated
+===================== =================================================================
+
+With ``on_bad_record='raise'`` (the default) the first problem raises
+:class:`BadRecordError` naming the file and the record; with ``'skip'`` the record
+is skipped, logged, and counted per reason (the counts land in the dataset's
+metadata). A CSV that lacks a column always raises.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import dataclasses
+import hashlib
+import io
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+from absl import logging
+
+from bioscan_jax.data import schema
+from tfds_builder.bioscan5m import fields
+from tfds_builder.bioscan5m.sources import MetadataFile
+
+REASONS: tuple[str, ...] = (
+    "malformed_row",
+    "unknown_split",
+    "duplicate_processid",
+    "missing_image",
+    "bad_image",
+)
+ON_BAD_RECORD = ("raise", "skip")
+#: How many skipped records per reason are listed (by name) in the metadata and the log.
+EXAMPLES_KEPT = 20
+
+
+class BadRecordError(ValueError):
+    """A record of the source data cannot be used (the message names file and record)."""
+
+
+class BadRecords:
+    """Applies the ``on_bad_record`` policy and keeps the per-reason counts."""
+
+    def __init__(self, mode: str, source: str):
+        if mode not in ON_BAD_RECORD:
+            raise ValueError(f"on_bad_record must be one of {ON_BAD_RECORD}, got {mode!r}")
+        self.mode = mode
+        self.source = source
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.examples: dict[str, list[str]] = collections.defaultdict(list)
+
+    def report(self, reason: str, record: str, detail: str) -> None:
+        """Raises (mode 'raise') or counts and logs a skipped record (mode 'skip')."""
+        assert reason in REASONS, reason
+        message = f"{self.source}: record {record}: {detail}"
+        if self.mode == "raise":
+            raise BadRecordError(
+                f"{message} [{reason}]. Pass on_bad_record='skip' to the builder to skip and count such records."
+            )
+        self.counts[reason] += 1
+        if len(self.examples[reason]) < EXAMPLES_KEPT:
+            self.examples[reason].append(message)
+            logging.warning("Skipping %s [%s]", message, reason)
+
+    def summary(self) -> dict:
+        """JSON-able counts and first examples, for the dataset metadata."""
+        return {
+            "on_bad_record": self.mode,
+            "skipped": {r: int(self.counts.get(r, 0)) for r in REASONS},
+            "skipped_total": int(sum(self.counts.values())),
+            "skipped_examples": {r: list(v) for r, v in self.examples.items()},
+        }
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+@dataclasses.dataclass
+class Metadata:
+    """The checked metadata: one row per usable record, with the official dtypes."""
+
+    frame: pd.DataFrame
+    label_names: dict[str, list[str]]
+    label_indices: dict[str, np.ndarray]
+    md5: str
+    num_rows_read: int
+
+
+class _HashingReader(io.RawIOBase):
+    """A raw reader that feeds every byte it passes on to an md5."""
+
+    def __init__(self, raw, digest):
+        self._raw, self._digest = raw, digest
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        data = self._raw.read(len(buffer))
+        self._digest.update(data)
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def _check_fields(meta: MetadataFile, policy: BadRecords) -> tuple[str, set[int]]:
+    """One streaming pass with the csv module: md5 of the bytes and the field count per row.
+
+    Returns the md5 and the (0-based, header = 0) physical line numbers of rows to skip.
+    pandas' C parser does not report rows with too few fields, hence this pass.
+    """
+    digest = hashlib.md5()
+    bad_lines: set[int] = set()
+    with meta.open() as raw:
+        buffered = io.BufferedReader(_HashingReader(raw, digest), buffer_size=1 << 22)
+        text = io.TextIOWrapper(buffered, encoding="utf-8-sig", newline="")
+        reader = csv.reader(text)
+        try:
+            header = next(reader, None)
+            if header is None:
+                raise BadRecordError(f"{meta.name}: empty metadata CSV")
+            missing = [c for c in schema.COLUMNS if c not in header]
+            if missing:
+                raise BadRecordError(
+                    f"{meta.name}: metadata CSV is missing column(s) {missing}; expected {list(schema.COLUMNS)}"
+                )
+            width, pid_at = len(header), header.index("processid")
+            line_start = reader.line_num  # 0-based physical line where the next row starts
+            for row in reader:
+                if row and len(row) != width:
+                    record = repr(row[pid_at]) if len(row) > pid_at and row[pid_at] else f"at line {line_start + 1}"
+                    policy.report(
+                        "malformed_row", record, f"line {line_start + 1} has {len(row)} fields, expected {width}"
+                    )
+                    bad_lines.update(range(line_start, reader.line_num))
+                line_start = reader.line_num
+            while buffered.read(1 << 22):  # hash any bytes the parser did not need
+                pass
+        except UnicodeDecodeError as e:
+            raise BadRecordError(f"{meta.name}: not UTF-8 text near line {reader.line_num + 1}: {e}") from None
+        except csv.Error as e:
+            raise BadRecordError(f"{meta.name}: unreadable CSV at line {reader.line_num}: {e}") from None
+    return digest.hexdigest(), bad_lines
+
+
+def _to_number(df: pd.DataFrame, column: str, dtype: str, policy: BadRecords) -> tuple[pd.Series, np.ndarray]:
+    """Converts a string column to its official numeric dtype; flags rows that do not parse."""
+    raw = df[column]
+    values = pd.to_numeric(raw, errors="coerce")
+    bad = values.isna().to_numpy() & raw.notna().to_numpy()
+    if dtype in ("uint8", "Int64"):
+        finite = values.notna().to_numpy()
+        vals = values.to_numpy(dtype=np.float64, na_value=np.nan)
+        not_int = finite & (vals != np.round(vals))
+        out_of_range = finite & (((vals < 0) | (vals > 255)) if dtype == "uint8" else np.zeros_like(finite))
+        bad |= not_int | out_of_range
+        if dtype == "uint8":
+            bad |= ~finite  # uint8 has no missing value
+    for row in np.flatnonzero(bad):
+        policy.report(
+            "malformed_row",
+            repr(df["processid"].iloc[row]),
+            f"{column} value {raw.iloc[row]!r} is not a valid {dtype}",
+        )
+    return values, bad
+
+
+def read(
+    meta: MetadataFile,
+    policy: BadRecords,
+    *,
+    check_md5: Callable[[str], object] | None = None,
+    label_columns: Sequence[str] = schema.LABEL_COLUMNS,
+) -> Metadata:
+    """Reads and checks the metadata CSV; builds label names over all usable rows.
+
+    ``check_md5`` is called with the file's md5 after the first (streaming) pass,
+    before the CSV is parsed into a frame.
+    """
+    md5, bad_lines = _check_fields(meta, policy)
+    if check_md5 is not None:
+        check_md5(md5)
+    with meta.open() as f:
+        df = pd.read_csv(
+            f,
+            dtype=str,
+            keep_default_na=False,
+            na_values=[""],
+            skiprows=sorted(bad_lines) if bad_lines else None,
+        )
+    num_rows_read = len(df) + len(bad_lines)
+    keep = np.ones(len(df), dtype=bool)
+
+    pid = df["processid"]
+    empty = pid.isna().to_numpy()
+    for row in np.flatnonzero(empty):
+        policy.report("malformed_row", f"at data row {row}", "empty processid")
+    keep &= ~empty
+
+    numeric = {}
+    for column, dtype in schema.COLUMN_DTYPES.items():
+        if dtype == "string":
+            continue
+        values, bad = _to_number(df, column, dtype, policy)
+        numeric[column] = values
+        keep &= ~bad
+
+    split = df["split"]
+    unknown = ~split.isin(schema.SPLITS).to_numpy()
+    for row in np.flatnonzero(unknown & keep):
+        policy.report(
+            "unknown_split", repr(pid.iloc[row]), f"unknown split {split.iloc[row]!r}; valid: {', '.join(schema.SPLITS)}"
+        )
+    keep &= ~unknown
+
+    dup = pid.duplicated(keep="first").to_numpy() & keep
+    if dup.any():
+        first_row = {p: i for i, p in reversed(list(enumerate(pid.tolist())))}
+        for row in np.flatnonzero(dup):
+            p = pid.iloc[row]
+            policy.report("duplicate_processid", repr(p), f"duplicate processid (first seen at data row {first_row[p]}, again at {row})")
+    keep &= ~dup
+
+    for column, values in numeric.items():
+        dtype = schema.COLUMN_DTYPES[column]
+        df[column] = values.astype("float64") if dtype.startswith("float") else values
+    df = df[keep].reset_index(drop=True)
+    df = df.astype({c: schema.COLUMN_DTYPES[c] for c in schema.COLUMNS})
+    names = schema.label_maps(df, label_columns)
+    indices = schema.label_indices(df, names, label_columns)
+    return Metadata(frame=df, label_names=names, label_indices=indices, md5=md5, num_rows_read=num_rows_read)
+
+
+# ----------------------------------------------------------------------------- examples
+
+
+def _text(value) -> str:
+    return "" if value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value)) else str(value)
+
+
+def iter_examples(meta: Metadata, rows: np.ndarray, *, chunk_rows: int = 4096) -> Iterator[dict]:
+    """The metadata features of the given rows (no image), converting a few thousand rows at a time."""
+    df = meta.frame
+    for start in range(0, len(rows), chunk_rows):
+        part = rows[start : start + chunk_rows]
+        sub = df.iloc[part]
+        cols = {}
+        for column, dtype in schema.COLUMN_DTYPES.items():
+            series = sub[column]
+            if dtype == "string":
+                cols[column] = [_text(v) for v in series.tolist()]
+            elif dtype.startswith("float"):
+                cols[column] = series.to_numpy(dtype=np.float32, na_value=np.nan)
+            elif dtype == "uint8":
+                cols[column] = series.to_numpy(dtype=np.uint8)
+            else:  # nullable int
+                cols[column] = series.to_numpy(dtype=np.int64, na_value=schema.MISSING_INDEX)
+        index_cols = {c: idx[part] for c, idx in meta.label_indices.items()}
+        for i in range(len(part)):
+            example = {}
+            for column, values in cols.items():
+                example[fields.feature_name(column)] = values[i]
+            for column, idx in index_cols.items():
+                example[fields.name_feature(column)] = example[fields.feature_name(column)]
+                example[fields.feature_name(column)] = np.int32(idx[i])
+            yield example

@@ -199,6 +199,21 @@ def test_missing_barcodes_raise_with_record_name(missing):
         tok(["ACGT", missing], names=["P1", "P2"])
 
 
+def test_one_record_bad_input():
+    tok = dna.KmerTokenizer(4)
+    with pytest.raises(ValueError, match=r"record 'P9' \(index 0\): invalid character 'X' at position 2"):
+        tok("ACXGT", names="P9")
+    with pytest.raises(ValueError, match=r"record at index 0: missing DNA barcode"):
+        tok("")
+    ids, mask, report = tok.tokenize(b"ACXGTACGT", names=["P9"], errors="count")
+    assert report["invalid"] == {"P9": {"X": 1}} and report["invalid_chars"] == 1
+    assert ids[:2].tolist() == [dna.UNK_ID, 200] and mask.sum() == 2  # ACNG, TACG
+    ids, mask, report = tok.tokenize("--", errors="count")
+    assert report["missing"] == [0] and not mask.any() and (ids == dna.UNK_ID).all()
+    _, mask, report = tok.tokenize("ACG", errors="count")
+    assert report["no_tokens"] == [0] and not mask.any()
+
+
 def test_missing_barcodes_in_lenient_mode_are_marked():
     tok = dna.KmerTokenizer(4, add_cls=True)
     seqs = ["ACGTACGT", None, float("nan"), "", "-.-", "ACGTNN"]
@@ -284,6 +299,9 @@ def test_parity_with_reference(request, source, k, options):
         ref_ids, ref_mask = dna.reference_tokenize(seq, k, offset=int(offsets[i]), **options)
         assert ids_off[i].tolist() == ref_ids, (i, seq[:40], offsets[i])
         assert mask_off[i].astype(int).tolist() == ref_mask, (i, seq[:40], offsets[i])
+    for i in range(0, len(parity_sequences), 7):  # the one-record path
+        one_ids, one_mask = tok(parity_sequences[i], offsets=[offsets[i]])
+        assert (one_ids == ids_off[i]).all() and (one_mask == mask_off[i]).all(), i
 
 
 def test_long_kmers_compose_from_4_mers(random_sequences):
@@ -312,6 +330,17 @@ def test_blocks_do_not_change_results(random_sequences, monkeypatch):
     monkeypatch.setattr(dna, "_BLOCK_BYTES", 4096)
     ids_small, mask_small = tok(parity_sequences)
     assert (ids == ids_small).all() and (mask == mask_small).all()
+
+
+def test_normalize_batch_chunks_keep_batch_indices(random_sequences, monkeypatch):
+    seqs = random_sequences[:50] + [None, "ACXT"] + random_sequences[50:60]
+    expected, expected_report = dna.normalize_batch(seqs, errors="count")
+    monkeypatch.setattr(dna, "_CHUNK_RECORDS", 7)
+    out, report = dna.normalize_batch(pd.Series(seqs), errors="count")
+    assert out == expected and report == expected_report
+    assert report["missing"] == [50] and report["invalid"] == {51: {"X": 1}} and report["records"] == 62
+    with pytest.raises(ValueError, match=r"record at index 51: invalid character 'X'"):
+        dna.normalize_batch(seqs[:50] + ["ACGT", "ACXT"])
 
 
 # ----------------------------------------------------------------------------- properties

@@ -25,9 +25,10 @@ without it stay valid. The attention mask marks the k-mers that lie wholly insid
 
 The batch path is vectorised: strings go to one NUL-padded byte matrix (``np.array(...,
 dtype="S<n>")``); rows are processed in cache-sized blocks with SWAR arithmetic on ``uint64``
-words (8 bytes at a time) for the common ACGTN alphabet, and with a byte lookup table for the
-rest (lowercase, U, IUPAC, gaps, invalid bytes). Python only runs per record to build error
-messages and reports. :func:`reference_tokenize` is a plain per-sequence implementation of the
+words (8 bytes at a time) for the common alphabet (ACGTN of either case), and with a byte
+lookup table for blocks holding anything else (U, IUPAC codes, gaps, invalid bytes). Python
+only runs per record to build error messages and reports. A single ``str`` takes a short
+per-record path with the same rules. Attention masks are ``bool``. :func:`reference_tokenize` is a plain per-sequence implementation of the
 same rules, kept as the executable specification for parity tests and benchmarks.
 """
 
@@ -55,6 +56,7 @@ __all__ = [
     "AMBIGUITY_CODES",
     "GAP_CHARS",
     "VALID_CHARS",
+    "MAX_K",
     "ErrorMode",
     "normalize",
     "normalize_batch",
@@ -81,9 +83,8 @@ AMBIGUITY_CODES = "RYSWKMBDHV"
 #: Alignment gap characters; removed.
 GAP_CHARS = "-."
 #: Every accepted character (either case): ACGT, U, N, the ambiguity codes and the gaps.
-VALID_CHARS: frozenset[str] = frozenset(
-    c for c in NUCLEOTIDES + "UN" + AMBIGUITY_CODES for c in (c, c.lower())
-) | frozenset(GAP_CHARS)
+_LETTERS = NUCLEOTIDES + "UN" + AMBIGUITY_CODES
+VALID_CHARS: frozenset[str] = frozenset(_LETTERS + _LETTERS.lower() + GAP_CHARS)
 #: The largest k whose ids fit in int32 (2 + 4**15 < 2**31).
 MAX_K = 15
 
@@ -110,6 +111,9 @@ def _build_byte_classes() -> np.ndarray:
 
 
 _BYTE_CLASSES = _build_byte_classes()
+# t codes (see "byte classification") of normalised text, N and NUL -> 4.
+_T_CODES = np.full(256, _N_CLASS, dtype=np.uint8)
+_T_CODES[np.frombuffer(b"ACGT", dtype=np.uint8)] = (0, 1, 3, 2)
 # str.translate table of the per-sequence path (valid characters only; checked beforehand).
 _NORMALIZE_TABLE = str.maketrans(
     {
@@ -127,8 +131,11 @@ _X11 = np.uint64(0x11)
 # Four 2-bit codes in the bytes of a little-endian uint32 -> their base-4 value in bits 24..31.
 _PACK4 = np.uint32(0x40100401)
 _LITTLE_ENDIAN = sys.byteorder == "little"
-# Rows per block are chosen so that a block of the byte matrix is about this many bytes.
+# Rows per block are chosen so that a block of the byte matrix is about this many bytes
+# (small enough to stay in the L2 cache with its temporaries).
 _BLOCK_BYTES = 1 << 18
+#: normalize_batch converts at most this many records to a byte matrix at a time.
+_CHUNK_RECORDS = 1 << 16
 
 
 def kmer_vocab_size(k: int) -> int:
@@ -157,14 +164,26 @@ def _as_text(seq: Any) -> str:
     return seq if isinstance(seq, str) else str(seq)
 
 
-def _record_label(names: Sequence[Any] | None, index: int) -> str:
-    if names is None:
-        return f"record at index {index}"
-    return f"record {names[index]!r} (index {index})"
+class _Names:
+    """Labels records in messages and reports: by name when names are given, else by index.
 
+    ``offset`` is the batch index of the first record (for chunks of a larger batch).
+    """
 
-def _record_key(names: Sequence[Any] | None, index: int) -> Any:
-    return index if names is None else names[index]
+    def __init__(self, names: Sequence[Any] | None, num: int, offset: int = 0):
+        if names is not None:
+            names = names if isinstance(names, (list, tuple, np.ndarray)) else list(names)
+            if len(names) != num:
+                raise ValueError(f"got {len(names)} names for {num} sequences")
+        self.names, self.offset = names, offset
+
+    def label(self, i: int) -> str:
+        if self.names is None:
+            return f"record at index {self.offset + i}"
+        return f"record {self.names[i]!r} (index {self.offset + i})"
+
+    def key(self, i: int) -> Any:
+        return self.offset + i if self.names is None else self.names[i]
 
 
 def _invalid_characters(text: str) -> tuple[Counter, int]:
@@ -271,14 +290,16 @@ def reference_tokenize(
 class _ByteRows:
     """A batch as a NUL-padded ``uint8`` matrix, with raw lengths and missing flags."""
 
+    originals: Any  # the records as given (for error messages and reports)
+    lengths: np.ndarray  # int64 [B]: characters per record
+    missing: np.ndarray  # bool [B]: None / NaN / NA / empty
+    u8: np.ndarray  # uint8 [B, W]: W a multiple of 8, NUL-padded
+
     def __init__(self, seqs: Any, *, min_width: int):
-        self.scalar = isinstance(seqs, (str, bytes))
-        if self.scalar:
-            seqs = [seqs]
         if isinstance(seqs, np.ndarray) and seqs.dtype.kind in "SU":
             if seqs.ndim != 1:
                 raise ValueError(f"expected a 1-D batch of sequences, got shape {seqs.shape}")
-            self.originals: Any = seqs
+            self.originals = seqs
             self.lengths = np.strings.str_len(seqs).astype(np.int64)
             self.missing = self.lengths == 0
             width = self._width(int(self.lengths.max(initial=0)), min_width)
@@ -353,16 +374,16 @@ def _classify_fast(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
 class _BlockContext:
     """What the general path needs to report or raise about the rows of one block."""
 
-    def __init__(self, rows: _ByteRows, names: Sequence[Any] | None, errors: ErrorMode, report: dict):
+    def __init__(self, rows: _ByteRows, names: _Names, errors: ErrorMode, report: dict):
         self.rows, self.names, self.errors, self.report = rows, names, errors, report
 
     def invalid_rows(self, indices: np.ndarray) -> None:
         for i in indices.tolist():
             text = _as_text(self.rows.originals[i])
             if self.errors == "raise":
-                raise ValueError(_invalid_message(_record_label(self.names, i), text))
+                raise ValueError(_invalid_message(self.names.label(i), text))
             counts, _ = _invalid_characters(text)
-            self.report["invalid"][_record_key(self.names, i)] = dict(counts)
+            self.report["invalid"][self.names.key(i)] = dict(counts)
             self.report["invalid_chars"] += sum(counts.values())
 
 
@@ -490,39 +511,30 @@ def _check_errors(errors: str) -> None:
         raise ValueError(f"errors must be 'raise' or 'count', got {errors!r}")
 
 
-def _check_missing(rows: _ByteRows, names: Sequence[Any] | None, errors: ErrorMode, report: dict) -> None:
+def _check_missing(rows: _ByteRows, names: _Names, errors: ErrorMode, report: dict) -> None:
     missing = np.flatnonzero(rows.missing)
     if missing.size == 0:
         return
     if errors == "raise":
         i = int(missing[0])
         raise ValueError(
-            f"{_record_label(names, i)}: missing DNA barcode ({rows.originals[i]!r})"
+            f"{names.label(i)}: missing DNA barcode ({rows.originals[i]!r})"
             f"{f'; {missing.size - 1} more missing in this batch' if missing.size > 1 else ''}. "
             "Use errors='count' to keep such records with an all-zero attention mask."
         )
-    report["missing"].extend(_record_key(names, i) for i in missing.tolist())
+    report["missing"].extend(names.key(i) for i in missing.tolist())
 
 
 def _mark_empty(
-    empty: np.ndarray, rows: _ByteRows, first_row: int, names: Sequence[Any] | None, errors: ErrorMode, report: dict
+    empty: np.ndarray, rows: _ByteRows, first_row: int, names: _Names, errors: ErrorMode, report: dict
 ) -> None:
     """Records that normalise to nothing (only gaps, or only N when stripping) count as missing."""
     for i in (np.flatnonzero(empty & ~rows.missing[first_row : first_row + empty.size]) + first_row).tolist():
         if errors == "raise":
             text = _as_text(rows.originals[i])
-            raise ValueError(f"{_record_label(names, i)}: DNA barcode {text[:40]!r} is empty after normalisation")
-        report["missing"].append(_record_key(names, i))
+            raise ValueError(f"{names.label(i)}: DNA barcode {text[:40]!r} is empty after normalisation")
+        report["missing"].append(names.key(i))
         rows.missing[i] = True
-
-
-def _check_names(names: Sequence[Any] | None, num: int) -> Sequence[Any] | None:
-    if names is None:
-        return None
-    names = list(names) if not isinstance(names, (list, tuple, np.ndarray)) else names
-    if len(names) != num:
-        raise ValueError(f"got {len(names)} names for {num} sequences")
-    return names
 
 
 def normalize_batch(
@@ -537,12 +549,34 @@ def normalize_batch(
 
     Returns the normalised strings (``""`` for missing records in lenient mode) and a report
     (see :func:`_new_report`). ``errors="raise"`` raises ``ValueError`` naming the first bad
-    record; ``errors="count"`` replaces invalid characters by ``N`` and reports them.
+    record; ``errors="count"`` replaces invalid characters by ``N`` and reports them. Large
+    inputs are processed :data:`_CHUNK_RECORDS` records at a time to bound memory.
     """
     _check_errors(errors)
+    if isinstance(seqs, (str, bytes)):
+        seqs = [seqs]
+    if isinstance(seqs, pd.Series):
+        seqs = seqs.to_numpy(dtype=object)
+    all_names = _Names(names, len(seqs)).names
+    out: list[str] = []
+    report = _new_report(len(seqs))
+    for start in range(0, len(seqs), _CHUNK_RECORDS):
+        stop = min(start + _CHUNK_RECORDS, len(seqs))
+        chunk_names = _Names(None if all_names is None else all_names[start:stop], stop - start, start)
+        out.extend(_normalize_chunk(seqs[start:stop], chunk_names, max_nucleotides, strip_trailing_n, errors, report))
+    return out, report
+
+
+def _normalize_chunk(
+    seqs: Any,
+    names: _Names,
+    max_nucleotides: int | None,
+    strip_trailing_n: bool,
+    errors: ErrorMode,
+    report: dict[str, Any],
+) -> list[str]:
+    """:func:`normalize_batch` on one chunk; adds to ``report``."""
     rows = _ByteRows(seqs, min_width=0)
-    names = _check_names(names, len(rows))
-    report = _new_report(len(rows))
     _check_missing(rows, names, errors, report)
     ctx = _BlockContext(rows, names, errors, report)
     out: list[str] = []
@@ -560,7 +594,7 @@ def normalize_batch(
         chars = letters[np.where(is_acgt, codes, 4)]
         chars[np.arange(chars.shape[1]) >= lengths[:, None]] = 0
         out.extend(chars.view(f"S{chars.shape[1]}").ravel().astype(str).tolist())
-    return out, report
+    return out
 
 
 def random_offsets(rng: np.random.Generator | int, batch_size: int, k: int) -> np.ndarray:
@@ -642,6 +676,8 @@ class KmerTokenizer:
         """Like ``__call__`` but also returns the report; it adds ``no_tokens``: records
         (not missing) too short to give one complete k-mer, whose mask is all zero too."""
         _check_errors(errors)
+        if isinstance(seqs, (str, bytes)):
+            return self._tokenize_one(seqs, names, offsets, errors)
         offs = None
         max_offset = 0
         if offsets is not None:
@@ -650,7 +686,7 @@ class KmerTokenizer:
                 raise ValueError("offsets must be >= 0")
             max_offset = int(offs.max(initial=0))
         rows = _ByteRows(seqs, min_width=self.max_nucleotides + max_offset)
-        names = _check_names(names, len(rows))
+        names = _Names(names, len(rows))
         if offs is not None and offs.size != len(rows):
             raise ValueError(f"got {offs.size} offsets for {len(rows)} sequences")
         report = _new_report(len(rows))
@@ -664,7 +700,6 @@ class KmerTokenizer:
         if self.add_cls:
             ids[:, 0] = self.cls_id
             mask[:, 0] = True
-        positions = np.arange(num, dtype=np.int32)
         width = _ByteRows._width(self.max_nucleotides + max_offset, 0)  # columns that need codes
         block = max(1, _BLOCK_BYTES // rows.u8.shape[1])
         for start in range(0, len(rows), block):
@@ -677,35 +712,90 @@ class KmerTokenizer:
                 _mark_empty(first_len == 0, rows, start, names, errors, report)
             else:
                 _mark_empty(lengths == 0, rows, start, names, errors, report)
-            if offs is None:
-                groups = [(0, slice(start, stop), codes, is_acgt, lengths)]
-            else:
-                groups = [
-                    (o, sel + start, codes[sel], is_acgt[sel], lengths[sel] - o)
-                    for o, sel in _offset_groups(offs[start:stop])
-                ]
-            for offset, out_rows, c, a, n in groups:
-                n = np.clip(n, 0, self.max_nucleotides)
-                if self.strip_trailing_n:
-                    n = _strip_trailing_n(a, offset, n)
-                n_valid = n - (self.k - self.stride)
-                n_valid //= self.stride  # floor: -1 // s == -1, so n < k gives <= 0 tokens
-                value, ok = _kmer_values(c, a, offset, self.k, self.stride, num)
-                if offs is None:
-                    _write_kmer_ids(ids[out_rows, first:], value, ok)
-                    np.less(positions, n_valid[:, None], out=mask[out_rows, first:])
-                else:
-                    block_ids = np.empty(value.shape, dtype=np.int32)
-                    _write_kmer_ids(block_ids, value, ok)
-                    ids[out_rows, first:] = block_ids
-                    mask[out_rows, first:] = positions < n_valid[:, None]
+            if offs is None:  # write straight into the outputs
+                self._fill(ids[start:stop, first:], mask[start:stop, first:], codes, is_acgt, lengths, 0)
+                continue
+            for offset, sel in _offset_groups(offs[start:stop]):
+                group_ids = np.empty((sel.size, num), dtype=np.int32)
+                group_mask = np.empty((sel.size, num), dtype=bool)
+                self._fill(group_ids, group_mask, codes[sel], is_acgt[sel], lengths[sel], offset)
+                ids[sel + start, first:], mask[sel + start, first:] = group_ids, group_mask
         missing = np.flatnonzero(rows.missing)
         mask[missing] = False
         ids[missing, first:] = UNK_ID
         no_tokens = ~mask[:, first:].any(axis=1) & ~rows.missing
-        report["no_tokens"] = [_record_key(names, i) for i in np.flatnonzero(no_tokens).tolist()]
-        if rows.scalar:
-            return ids[0], mask[0], report
+        report["no_tokens"] = [names.key(i) for i in np.flatnonzero(no_tokens).tolist()]
+        return ids, mask, report
+
+    def _fill(
+        self,
+        ids: np.ndarray,
+        mask: np.ndarray,
+        codes: np.ndarray,
+        is_acgt: np.ndarray,
+        lengths: np.ndarray,
+        offset: int,
+    ) -> None:
+        """Writes the k-mer ids and mask of rows with normalised ``lengths``, from column ``offset``."""
+        n = np.minimum(lengths - offset, self.max_nucleotides)
+        if offset:
+            n = np.maximum(n, 0)
+        if self.strip_trailing_n:
+            n = _strip_trailing_n(is_acgt, offset, n)
+        n_valid = n - (self.k - self.stride)
+        n_valid //= self.stride  # (n - k) // stride + 1, and <= 0 when n < k
+        value, ok = _kmer_values(codes, is_acgt, offset, self.k, self.stride, self.num_kmer_tokens)
+        _write_kmer_ids(ids, value, ok)
+        np.less(np.arange(self.num_kmer_tokens, dtype=np.int32), n_valid[:, None], out=mask)
+
+    def _tokenize_one(
+        self, seq: str | bytes, names: Any, offsets: Any, errors: ErrorMode
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """One record (e.g. in a per-record input pipeline): the same rules without the batch
+        bookkeeping. ``names`` and ``offsets`` may be scalars or 1-element sequences."""
+        name = names[0] if isinstance(names, (list, tuple, np.ndarray, pd.Series)) else names
+        offset = int(np.asarray(offsets).reshape(-1)[0]) if offsets is not None else 0
+        if offset < 0:
+            raise ValueError("offsets must be >= 0")
+        names_one = _Names(None if name is None else [name], 1)
+        label, key = names_one.label(0), names_one.key(0)
+        report = _new_report(1)
+        report["no_tokens"] = []
+        first = int(self.add_cls)
+        ids = np.full(self.num_tokens, UNK_ID, dtype=np.int32)
+        mask = np.zeros(self.num_tokens, dtype=bool)
+        text = "" if _is_missing(seq) else _as_text(seq)
+        if text and not VALID_CHARS.issuperset(text):
+            if errors == "raise":
+                raise ValueError(_invalid_message(label, text))
+            counts, _ = _invalid_characters(text)
+            report["invalid"][key] = dict(counts)
+            report["invalid_chars"] = sum(counts.values())
+            text = "".join(ch if ch in VALID_CHARS else "N" for ch in text)
+        normalised = text.translate(_NORMALIZE_TABLE)
+        window = normalised[: self.max_nucleotides]
+        if not (window.rstrip("N") if self.strip_trailing_n else window):
+            if errors == "raise":
+                what = "missing DNA barcode" if not text else f"DNA barcode {text[:40]!r} is empty after normalisation"
+                raise ValueError(f"{label}: {what}")
+            report["missing"].append(key)
+            return ids, mask, report
+        report["truncated"] = int(len(normalised) > self.max_nucleotides)
+        part = normalised[offset:][: self.max_nucleotides]
+        if self.strip_trailing_n:
+            part = part.rstrip("N")
+        padded = np.zeros((1, _ByteRows._width(self.max_nucleotides, 0)), dtype=np.uint8)
+        padded[0, : len(part)] = np.frombuffer(part.encode("ascii"), dtype=np.uint8)
+        codes = _T_CODES[padded]  # ``part`` holds ACGTN only
+        is_acgt = codes < _N_CLASS
+        value, ok = _kmer_values(codes, is_acgt, 0, self.k, self.stride, self.num_kmer_tokens)
+        _write_kmer_ids(ids[None, first:], value, ok)
+        n_valid = (len(part) - self.k) // self.stride + 1 if len(part) >= self.k else 0
+        mask[first : first + n_valid] = True
+        if self.add_cls:
+            ids[0], mask[0] = self.cls_id, True
+        if n_valid == 0:
+            report["no_tokens"].append(key)
         return ids, mask, report
 
     def decode(self, ids: np.ndarray | Sequence[int]) -> list:

@@ -1,0 +1,355 @@
+"""The generic train loop: mesh, init or resume, steps, logging, checkpoints, evaluation.
+
+Usage (a task module supplies the model, its loss and its input pipeline)::
+
+    result = train(
+        config, workdir,
+        model_factory=lambda rngs: KmerBertForMLM(get_variant('tiny'), rngs=rngs),
+        loss_fn=mlm_loss,                        # (model, batch, *, train) -> (loss, metrics)
+        data_iter_factory=lambda: make_train_iterator(config),   # process-local numpy batches
+        evaluators=[knn_probe],                  # (step, state, setup) -> {name: value}
+    )
+    model = result.model()
+
+Config fields read (every one has a default, see :func:`default_config`)::
+
+    config.seed
+    config.mesh.{data, fsdp, tensor}            -1 = all remaining devices
+    config.sharding_rules                        ((logical, mesh axes), ...)
+    config.train.{batch_size, accum_steps, bf16, steps, epochs, log_every, eval_every,
+                  progress_bar, tensorboard}
+    config.optim.{lr, lr_ref_batch, weight_decay, warmup_frac, schedule, b1, b2, eps,
+                  div_factor, final_div_factor, grad_clip}
+    config.checkpoint.{every, keep, async_save}
+
+``train.batch_size`` is the *global* batch (all processes); each process's iterator yields
+``batch_size / process_count`` rows. ``train.steps`` (> 0) or ``train.epochs`` ×
+``steps_per_epoch`` sets the number of optimiser updates.
+
+Resume: if ``workdir/checkpoints`` holds a checkpoint, the train state and the data iterator
+position are restored from the newest usable one and training continues to the same final step
+with the same batches an uninterrupted run would have seen.
+
+Non-finite loss: metrics are fetched at every log, checkpoint and eval step; if any step since the
+last check has a NaN/inf loss, training stops with :class:`NonFiniteLossError` naming the first
+bad step; the bad state is never checkpointed, so the run can be resumed (e.g. with a lower lr)
+from the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from bioscan_jax.train import mesh as mesh_lib
+from bioscan_jax.train import optim as optim_lib
+from bioscan_jax.train.checkpoint import Checkpointer
+from bioscan_jax.train.metrics import MetricsWriter
+from bioscan_jax.train.state import (ModelFactory, TrainSetup, TrainState, abstract_train_state, init_train_state,
+                                     warm_start as apply_warm_start)
+from bioscan_jax.train.step import LossFn, make_train_step
+
+logger = logging.getLogger(__name__)
+
+Evaluator = Callable[[int, TrainState, TrainSetup], Mapping[str, Any]]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; the bad state was not saved."""
+
+    def __init__(self, step: int, loss: float, last_checkpoint: int | None, workdir: str):
+        self.step = step
+        self.loss = loss
+        self.last_checkpoint = last_checkpoint
+        where = (f"the last good checkpoint is step {last_checkpoint} in {workdir}/checkpoints"
+                 if last_checkpoint is not None else "no checkpoint was saved before it")
+        super().__init__(
+            f"training loss is {loss} at step {step}; training stopped and this state was not saved "
+            f"({where}). Lower config.optim.lr, set config.optim.grad_clip, or inspect the batch of "
+            f"step {step}")
+
+
+@dataclasses.dataclass
+class TrainResult:
+    setup: TrainSetup
+    state: TrainState
+    step: int  # optimiser updates done (the final step)
+    workdir: str
+    start_step: int = 0  # the step this run started from (> 0 when resumed)
+
+    def model(self) -> nnx.Module:
+        return self.setup.merge(self.state)
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The training-machinery fields with their defaults (experiment configs override them)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.sharding_rules = mesh_lib.DEFAULT_SHARDING_RULES
+    c.train = ml_collections.ConfigDict(dict(
+        batch_size=64, accum_steps=1, bf16=False, steps=0, epochs=0, log_every=50, eval_every=0,
+        progress_bar=True, tensorboard=True))
+    c.optim = ml_collections.ConfigDict(dict(
+        lr=1e-4, lr_ref_batch=64, weight_decay=0.0, warmup_frac=0.3, schedule="onecycle",
+        b1=0.9, b2=0.999, eps=1e-8, div_factor=25.0, final_div_factor=1e4, grad_clip=0.0))
+    c.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=3, async_save=True))
+    return c
+
+
+def _section(config: Any, name: str) -> Any:
+    return config.get(name, None) if hasattr(config, "get") else getattr(config, name, None)
+
+
+def _opt(section: Any, name: str, default: Any) -> Any:
+    if section is None:
+        return default
+    value = section.get(name, default) if hasattr(section, "get") else getattr(section, name, default)
+    return default if value is None else value
+
+
+def total_train_steps(config: Any, steps_per_epoch: int | None = None) -> int:
+    """``train.steps`` if set, else ``train.epochs * steps_per_epoch``; raise when neither works."""
+    t = _section(config, "train")
+    steps = int(_opt(t, "steps", 0))
+    if steps > 0:
+        return steps
+    epochs = float(_opt(t, "epochs", 0))
+    if epochs > 0:
+        if not steps_per_epoch:
+            raise ValueError(
+                "config.train.epochs is set but the number of steps per epoch is unknown; pass "
+                "steps_per_epoch to train() or set config.train.steps")
+        return int(math.ceil(epochs * steps_per_epoch))
+    raise ValueError("set config.train.steps (> 0) or config.train.epochs (> 0)")
+
+
+def validate_config(config: Any, num_devices: int | None = None, steps_per_epoch: int | None = None) -> jax.sharding.Mesh:
+    """Check mesh, batch, accumulation and length settings before any compute; return the mesh.
+
+    Raises ``ValueError`` saying which field to change.
+    """
+    mesh = mesh_lib.make_mesh(_section(config, "mesh")) if num_devices is None else None
+    if mesh is None:
+        shape = mesh_lib.mesh_shape(_section(config, "mesh"), num_devices)
+        mesh_sizes = dict(zip(mesh_lib.MESH_AXES, shape))
+    else:
+        mesh_sizes = dict(mesh.shape)
+    t = _section(config, "train")
+    batch = int(_opt(t, "batch_size", 64))
+    accum = int(_opt(t, "accum_steps", 1))
+
+    mesh_lib.validate_batch(batch, mesh_sizes, accum)
+    mesh_lib.normalize_rules(_section(config, "sharding_rules"))
+    total = total_train_steps(config, steps_per_epoch)
+    optim_lib.make_schedule(_section(config, "optim"), total_steps=total, global_batch=batch)
+    ck = _section(config, "checkpoint")
+    if int(_opt(ck, "every", 1000)) < 0 or int(_opt(ck, "keep", 3)) < 0:
+        raise ValueError("config.checkpoint.every and config.checkpoint.keep must be >= 0")
+    if int(_opt(t, "log_every", 50)) <= 0:
+        raise ValueError("config.train.log_every must be >= 1")
+    return mesh
+
+
+def _save_config(config: Any, workdir: str) -> None:
+    if jax.process_index() != 0:
+        return
+    try:
+        text = config.to_json_best_effort(indent=2) if hasattr(config, "to_json_best_effort") else json.dumps(
+            config, indent=2, default=str)
+    except Exception:  # noqa: BLE001 - informative only
+        text = str(config)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(text)
+
+
+def _checkpointable(it: Any) -> bool:
+    while hasattr(it, "checkpointable"):
+        it = it.checkpointable
+    return hasattr(it, "get_state") and hasattr(it, "set_state")
+
+
+def train(
+    config: Any,
+    workdir: str | os.PathLike,
+    *,
+    model_factory: ModelFactory,
+    loss_fn: LossFn,
+    data_iter_factory: Callable[[], Iterator[Mapping[str, np.ndarray]]],
+    evaluators: Sequence[Evaluator] = (),
+    steps_per_epoch: int | None = None,
+    trainable: Any = nnx.Param,
+    warm_start: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None,
+) -> TrainResult:
+    """Train (or resume training) to ``total_train_steps(config)`` optimiser updates.
+
+    Args:
+      config: see the module docstring.
+      workdir: run directory: ``checkpoints/``, ``metrics.jsonl``, ``tensorboard/``,
+        ``config.json``.
+      model_factory: ``rngs -> nnx.Module`` (parameters annotated with logical axis names).
+      loss_fn: ``(model, batch, *, train) -> (loss, metrics)``.
+      data_iter_factory: returns an iterator of process-local batches (dicts of numpy arrays with
+        a leading batch dimension of ``batch_size / process_count``). A grain ``DataLoader`` /
+        ``DatasetIterator`` is checkpointed with the state; it must not run out before the last
+        step (repeat epochs in the pipeline).
+      evaluators: ``(step, state, setup) -> {name: value}`` callbacks, run every
+        ``train.eval_every`` steps and after the last step; results go to the metrics.
+      steps_per_epoch: needed when the length is given in ``train.epochs``.
+      trainable: nnx filter of the optimised variables.
+      warm_start: parameter values to start from instead of the random init, as a nested dict
+        shaped like a sub-tree of the parameters (or a zero-argument callable returning one, called
+        only when the run starts fresh), e.g. ``{'bert': nnx.state(pretrained.bert,
+        nnx.Param).to_pure_dict()}``. Ignored when resuming from a checkpoint.
+    """
+    mesh_lib.maybe_initialize_distributed()
+    workdir = os.fspath(workdir)
+    mesh = validate_config(config, steps_per_epoch=steps_per_epoch)
+    rules = mesh_lib.normalize_rules(_section(config, "sharding_rules"))
+    t = _section(config, "train")
+    global_batch = int(_opt(t, "batch_size", 64))
+    accum = int(_opt(t, "accum_steps", 1))
+    log_every = int(_opt(t, "log_every", 50))
+    eval_every = int(_opt(t, "eval_every", 0))
+    total = total_train_steps(config, steps_per_epoch)
+    ck = _section(config, "checkpoint")
+    ckpt_every = int(_opt(ck, "every", 1000))
+    seed = int(_opt(config, "seed", 0))
+    local_batch = global_batch // jax.process_count()
+
+    os.makedirs(workdir, exist_ok=True)
+    _save_config(config, workdir)
+    tx, schedule = optim_lib.make_optimizer(_section(config, "optim"), total_steps=total, global_batch=global_batch)
+    setup = abstract_train_state(model_factory, tx, mesh, rules, seed=seed, trainable=trainable)
+    logger.info("mesh %s; %d parameters", dict(mesh.shape),
+                sum(math.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state["params"])))
+
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(_opt(ck, "keep", 3)),
+                        async_save=bool(_opt(ck, "async_save", True)))
+    data_iter = data_iter_factory()
+    save_data = _checkpointable(data_iter)
+    if not save_data:
+        logger.warning("the data iterator has no get_state/set_state: its position is not checkpointed "
+                       "and a resumed run restarts it from the beginning")
+    start = 0
+    if ckpt.latest_step() is not None:
+        state, start = ckpt.restore(setup.abstract_state, data_iter if save_data else None)
+        logger.info("resumed from %s/checkpoints step %d", workdir, start)
+    else:
+        state = init_train_state(setup, model_factory, tx, seed=seed)
+        if warm_start is not None:
+            state = apply_warm_start(setup, state, warm_start() if callable(warm_start) else warm_start)
+    if start >= total:
+        ckpt.close()
+        return TrainResult(setup=setup, state=state, step=start, workdir=workdir, start_step=start)
+
+    compute_dtype = jnp.bfloat16 if bool(_opt(t, "bf16", False)) else None
+    train_step = make_train_step(setup, loss_fn, tx, schedule=schedule, accum_steps=accum,
+                                 compute_dtype=compute_dtype)
+    writer = MetricsWriter(workdir, total_steps=total, initial_step=start,
+                           tensorboard=bool(_opt(t, "tensorboard", True)),
+                           progress_bar=bool(_opt(t, "progress_bar", True)))
+    pending: list[tuple[int, dict[str, jax.Array]]] = []
+    interval = {"steps": 0, "t0": time.perf_counter(), "pause": 0.0}
+    interval_records: list[dict[str, float]] = []
+    first_step_s: float | None = None
+
+    def check_pending() -> list[tuple[int, dict[str, float]]]:
+        fetched = [(s, {k: float(v) for k, v in jax.device_get(m).items()}) for s, m in pending]
+        pending.clear()
+        for s, m in fetched:
+            if not math.isfinite(m["loss"]):
+                ckpt.wait()
+                writer.write(s, {**m, "event": "non_finite_loss"})
+                last = ckpt.latest_step()
+                raise NonFiniteLossError(s, m["loss"], last, workdir)
+        return fetched
+
+    try:
+        for step in range(start + 1, total + 1):
+            try:
+                local = next(data_iter)
+            except StopIteration:
+                raise RuntimeError(
+                    f"the data iterator ran out before step {step} of {total}; make the training "
+                    f"pipeline repeat (num_epochs=None) or lower config.train.steps/epochs") from None
+            lead = {k: np.shape(v)[0] if np.ndim(v) else None for k, v in local.items()}
+            if any(n != local_batch for n in lead.values()):
+                raise ValueError(
+                    f"the data iterator yielded a batch with leading sizes {lead}; expected "
+                    f"{local_batch} (config.train.batch_size={global_batch} over "
+                    f"{jax.process_count()} process(es)). Use drop_remainder=True and the same batch size")
+            batch = mesh_lib.to_global_batch(local, mesh)
+            state, metrics = train_step(state, batch)
+            pending.append((step, metrics))
+            if first_step_s is None:
+                jax.block_until_ready(metrics)
+                first_step_s = time.perf_counter() - interval["t0"]
+                interval = {"steps": 0, "t0": time.perf_counter(), "pause": 0.0}
+            else:
+                interval["steps"] += 1
+            writer.progress(step)
+
+            is_last = step == total
+            is_log = step % log_every == 0 or is_last
+            is_ckpt = (ckpt_every > 0 and step % ckpt_every == 0) or is_last
+            is_eval = bool(evaluators) and ((eval_every > 0 and step % eval_every == 0) or is_last)
+            if is_log or is_ckpt or is_eval:
+                fetched = check_pending()
+                interval_records.extend(m for _, m in fetched)
+            if is_log and interval_records:
+                now = time.perf_counter()
+                record = _summarise(interval_records)
+                dt = now - interval["t0"] - interval["pause"]  # checkpoint/eval time excluded
+                if interval["steps"] > 0 and dt > 0:
+                    record["samples_per_s"] = interval["steps"] * global_batch / dt
+                    record["steps_per_s"] = interval["steps"] / dt
+                    if "num_tokens" in record:
+                        record["tokens_per_s"] = record["num_tokens"] * interval["steps"] / dt
+                if first_step_s is not None and step - start <= log_every:
+                    record["first_step_s"] = first_step_s
+                if steps_per_epoch:
+                    record["epoch"] = step / steps_per_epoch
+                writer.write(step, record)
+                writer.progress(step, loss=record["loss"],
+                                **({"samples/s": record["samples_per_s"]} if "samples_per_s" in record else {}))
+                interval = {"steps": 0, "t0": time.perf_counter(), "pause": 0.0}
+                interval_records = []
+            t_pause = time.perf_counter()
+            if is_ckpt:
+                ckpt.save(step, state, data_iter if save_data else None)
+            if is_eval:
+                results: dict[str, Any] = {}
+                for evaluator in evaluators:
+                    results.update(dict(evaluator(step, state, setup)))
+                if results:
+                    writer.write(step, results)
+                    logger.info("step %d eval: %s", step, results)
+            interval["pause"] += time.perf_counter() - t_pause
+        ckpt.wait()
+    finally:
+        writer.close()
+        ckpt.close()
+    return TrainResult(setup=setup, state=state, step=total, workdir=workdir, start_step=start)
+
+
+def _summarise(records: list[dict[str, float]]) -> dict[str, float]:
+    """Mean of each metric over the steps since the last log line (``num_*`` too: per step);
+    ``lr`` is the last value."""
+    out: dict[str, float] = {}
+    for k in records[0]:
+        vals = [r[k] for r in records if k in r]
+        out[k] = vals[-1] if k == "lr" else float(np.mean(vals))
+    return out

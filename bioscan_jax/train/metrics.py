@@ -1,0 +1,115 @@
+"""Training metrics: ``workdir/metrics.jsonl``, TensorBoard events, a progress bar.
+
+:class:`MetricsWriter` writes one JSON object per logged step to ``metrics.jsonl`` (appending, so a
+resumed run continues the same file), the same scalars to TensorBoard event files in
+``workdir/tensorboard`` (tensorboardX, no TensorFlow needed), and drives a tqdm progress bar showing
+loss, throughput and the ETA. Only process 0 writes; the others keep silent.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def _to_python(value: Any) -> Any:
+    if isinstance(value, (np.generic, np.ndarray)) or hasattr(value, "dtype"):
+        value = np.asarray(value)
+        value = value.item() if value.size == 1 else value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf: "nan", "inf", "-inf"
+    return value
+
+
+def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
+    """All records of ``workdir/metrics.jsonl`` (for tests, reports and notebooks)."""
+    path = os.path.join(os.fspath(workdir), "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class MetricsWriter:
+    """metrics.jsonl + TensorBoard + tqdm progress bar for one run directory."""
+
+    def __init__(
+        self,
+        workdir: str | os.PathLike,
+        *,
+        total_steps: int | None = None,
+        initial_step: int = 0,
+        tensorboard: bool = True,
+        progress_bar: bool = True,
+    ):
+        self.workdir = os.fspath(workdir)
+        self.enabled = jax.process_index() == 0
+        self._jsonl = None
+        self._tb = None
+        self._bar = None
+        if not self.enabled:
+            return
+        os.makedirs(self.workdir, exist_ok=True)
+        self._jsonl = open(os.path.join(self.workdir, "metrics.jsonl"), "a", buffering=1)
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(self.workdir, "tensorboard"))
+        if progress_bar:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True,
+                             file=sys.stderr, smoothing=0.1)
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """One record ``{"step": step, **metrics}`` to metrics.jsonl and TensorBoard."""
+        if not self.enabled:
+            return
+        record = {"step": int(step)}
+        record.update({k: _to_python(v) for k, v in metrics.items()})
+        self._jsonl.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb.add_scalar(k, v, int(step))
+
+    def progress(self, step: int, **postfix: Any) -> None:
+        """Move the bar to ``step``; ``postfix`` (e.g. loss, samples/s) is shown beside it."""
+        if self._bar is None:
+            return
+        delta = int(step) - self._bar.n
+        if postfix:
+            self._bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()},
+                                  refresh=False)
+        if delta > 0:
+            self._bar.update(delta)
+
+    def flush(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.flush()
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+
+    def __enter__(self) -> "MetricsWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -8,6 +8,8 @@ The config's ``task`` names a module in ``bioscan_jax.tasks`` whose ``run(config
 does the work and returns a summary dict.
 """
 
+import logging as std_logging
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -19,6 +21,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and report
 
 def main(argv):
     del argv
+    # Our modules log at INFO; the libraries' absl chatter (orbax, TFDS) only from WARNING.
+    std_logging.getLogger("absl").setLevel(std_logging.WARNING)
+    from tensorflow_datasets.core.utils import tqdm_utils  # no TensorFlow import
+
+    tqdm_utils.disable_progress_bar()
     config = _CONFIG.value
     workdir = _WORKDIR.value or config.get("workdir") or f"workdirs/{config.task}"
     logging.info("task=%s workdir=%s", config.task, workdir)

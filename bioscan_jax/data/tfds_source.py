@@ -184,6 +184,11 @@ class RecordSource(collections.abc.Sequence):
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
         return [self._parse(r) for r in self._raw.__getitems__(list(indices))]
 
+    def __iter__(self):
+        # Sequence's default __iter__ stops on IndexError; array_record raises ValueError.
+        for start in range(0, len(self), 1024):
+            yield from self.__getitems__(range(start, min(start + 1024, len(self))))
+
     def __repr__(self) -> str:
         return f"RecordSource({len(self)} records, features={list(self._kinds)})"
 

@@ -1,0 +1,156 @@
+"""Opening the splits a task needs, from the TFDS dataset or a user's BOLD export.
+
+Both paths give the same thing: per split expression a random-access sequence of record dicts
+keyed by the builder's feature names (``dna_barcode``, ``species`` index, ``species_name``...),
+and the label names per label column (index ``i`` of ``species`` is ``label_names['species'][i]``).
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from bioscan_jax.data import schema
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Splits:
+    """Record sources by split expression, plus the label names shared by all of them."""
+
+    sources: dict[str, Sequence[Mapping[str, Any]]]
+    label_names: dict[str, list[str]]
+    description: str
+
+    def __getitem__(self, split: str) -> Sequence[Mapping[str, Any]]:
+        return self.sources[split]
+
+    def num_classes(self, column: str) -> int:
+        return len(self.label_names[column])
+
+
+class Subset(collections.abc.Sequence):
+    """A view of ``source`` restricted to ``indices`` (picklable for grain workers)."""
+
+    def __init__(self, source: Sequence[Mapping[str, Any]], indices: np.ndarray):
+        self._source, self._indices = source, np.asarray(indices, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self._source[int(self._indices[i])]
+
+    def __getitems__(self, indices: Sequence[int]):
+        picked = [int(self._indices[i]) for i in indices]
+        getitems = getattr(self._source, "__getitems__", None)
+        return getitems(picked) if getitems else [self._source[i] for i in picked]
+
+
+def unique_barcodes(source: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    """Indices of the first record of each distinct barcode after ``rstrip('N')`` (the
+    reference's pretraining deduplication), in source order."""
+    select = getattr(source, "select", None)
+    view = select(["dna_barcode"]) if select else source
+    seen: set[str] = set()
+    keep = []
+    for i in range(len(view)):
+        key = str(view[i]["dna_barcode"]).upper().rstrip("N")
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+    return np.asarray(keep, dtype=np.int64)
+
+
+def _nonempty(value: Any) -> bool:
+    return not pd.isna(value) and value != ""
+
+
+def open_splits(data: Any, splits: Sequence[str], *, features: Sequence[str] | None = None,
+                seed: int = 0) -> Splits:
+    """Opens ``splits`` (split expressions) as described by a task's ``config.data``.
+
+    ``data.source == 'tfds'``: the ``bioscan5m`` builder config ``data.builder_config`` is
+    prepared once (``data.manual_dir`` for the official files; synthetic configs generate
+    themselves, ``data.num_records`` > 0 picks a custom size) and read with
+    :func:`bioscan_jax.data.tfds_source.data_source`.
+    ``data.source == 'bold'``: ``data.path`` (BOLD TSV or FASTA) is imported and split by species
+    with :func:`bioscan_jax.data.bold.assign_species_split`.
+    """
+    if data.source == "tfds":
+        return _open_tfds(data, splits, features, seed)
+    if data.source == "bold":
+        return _open_bold(data, splits, seed)
+    raise ValueError(f"unknown config.data.source {data.source!r}; valid: 'tfds', 'bold'")
+
+
+def _open_tfds(data: Any, splits: Sequence[str], features, seed: int) -> Splits:
+    from bioscan_jax.data import tfds_source  # TFDS only when this path is used
+
+    config: Any = data.builder_config
+    if config.startswith("synthetic") and int(data.get("num_records", 0) or 0) > 0:
+        config = tfds_source.synthetic_config(int(data.num_records), seed, images=config != "synthetic_dna")
+    builder = tfds_source.prepare(config, data_dir=data.get("data_dir") or None,
+                                  manual_dir=data.get("manual_dir") or None)
+    available = list(builder.info.splits)
+    sources = {}
+    for split in splits:
+        sources[split] = tfds_source.data_source(builder.builder_config, split, data_dir=builder.data_dir_root,
+                                                 features=features)
+        if len(sources[split]) == 0:
+            raise ValueError(f"split {split!r} of {builder.info.full_name} is empty (available: {available})")
+    return Splits(sources, tfds_source.label_names(builder), builder.info.full_name)
+
+
+def frame_records(df, maps: Mapping[str, Sequence[str]]) -> list[dict[str, Any]]:
+    """Records (builder feature names) from a metadata frame, label indices from ``maps``."""
+    from tfds_builder.bioscan5m import fields
+
+    idx = schema.label_indices(df, maps)
+    records = []
+    columns = {c: df[c].tolist() for c in ("processid", "dna_barcode", "split")}
+    names = {c: df[c].tolist() for c in schema.LABEL_COLUMNS}
+    for i in range(len(df)):
+        rec = {"processid": str(columns["processid"][i]),
+               "dna_barcode": str(columns["dna_barcode"][i]) if _nonempty(columns["dna_barcode"][i]) else "",
+               "split": str(columns["split"][i])}
+        for c in schema.LABEL_COLUMNS:
+            rec[fields.feature_name(c)] = int(idx[c][i])
+            v = names[c][i]
+            rec[fields.name_feature(c)] = "" if pd.isna(v) else str(v)
+        records.append(rec)
+    return records
+
+
+def _open_bold(data: Any, splits: Sequence[str], seed: int) -> Splits:
+    from bioscan_jax.data import bold
+
+    if not data.get("path"):
+        raise ValueError("config.data.source='bold' needs config.data.path (a BOLD TSV or FASTA file)")
+    df, report = bold.read(data.path)
+    logger.info("BOLD import of %s: %s", data.path, report)
+    df = bold.assign_species_split(df, unseen_fraction=float(data.unseen_fraction),
+                                   test_fraction=float(data.test_fraction), seed=seed)
+    maps = schema.label_maps(df)
+    records = frame_records(df, maps)
+    by_split: dict[str, list[int]] = collections.defaultdict(list)
+    for i, r in enumerate(records):
+        by_split[r["split"]].append(i)
+    sources = {}
+    for split in splits:
+        names = schema.resolve_split(split)
+        picked = sorted(i for name in names for i in by_split.get(name, []))
+        if not picked:
+            present = sorted(by_split)
+            raise ValueError(f"split {split!r} of the BOLD import {data.path} is empty (present: {present})")
+        sources[split] = [records[i] for i in picked]
+    return Splits(sources, maps, f"BOLD import {data.path}")

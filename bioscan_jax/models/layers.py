@@ -1,0 +1,533 @@
+"""Shared transformer pieces (Flax NNX): dense, layer norm, embeddings, attention, MLP, blocks.
+
+One transformer block serves both families used in the project:
+
+* post-LN (BERT / BarcodeBERT): ``x = LN(x + Drop(Attn(x)))``; ``x = LN(x + Drop(MLP(x)))``;
+* pre-LN (ViT): ``x = x + DropPath(Drop(Attn(LN(x))))``; ``x = x + DropPath(Drop(MLP(LN(x))))``.
+
+Logical axis names
+------------------
+Every parameter carries logical axis names (``nnx.with_partitioning`` metadata, readable with
+``nnx.get_partition_spec``); the training code maps them to mesh axes with a rules table.
+
+========== ============================================ =====================================
+name       meaning                                      used by
+========== ============================================ =====================================
+``embed``  model width (hidden size)                    every kernel's model-width dim,
+                                                        embedding tables, output biases
+``mlp``    feed-forward width                           MLP ``fc1`` (embed, mlp), ``fc2``
+                                                        (mlp, embed), ``fc1`` bias
+``heads``  attention heads                              ``qkv`` (embed, None, heads, kv),
+                                                        ``out`` (heads, kv, embed)
+``kv``     per-head feature width                       as above
+``vocab``  token vocabulary / MLM classes (4^k)         word embeddings (vocab, embed),
+                                                        MLM head (embed, vocab)
+``classes`` classifier outputs                          classification heads (embed, classes)
+``None``   replicated                                   LayerNorm scale/bias, position and
+                                                        token-type tables (None, embed),
+                                                        patch-conv spatial/channel dims
+========== ============================================ =====================================
+
+``DEFAULT_LOGICAL_AXIS_RULES`` is a rules table that covers every name above (MaxText style).
+
+Eager sharding: with flax's eager sharding on, *and* a mesh set (``jax.set_mesh``) *and* logical
+axis rules in context (``flax.core.spmd.logical_axis_rules`` / ``nn.logical_axis_rules``), the
+parameters are sharded as they are created. Otherwise the names are metadata only (no mesh is
+needed to build a model in tests and on one device); shard with ``nnx.get_partition_spec`` under
+the rules and ``jax.jit(..., out_shardings=...)``.
+
+Dropout follows NNX conventions (:class:`Dropout` has the ``nnx.Dropout`` interface): every module
+with randomness holds its own RNG stream (from the ``dropout`` collection of the ``nnx.Rngs``
+passed at construction); ``model.train()`` / ``model.eval()`` toggle it, and a
+``deterministic=`` call argument overrides that. Masks are drawn 16 bits per element, which
+makes dropout about 4x cheaper than ``jax.random.bernoulli`` on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.core import spmd as core_spmd
+
+Array = jax.Array
+Dtype = Any
+
+LOGICAL_AXIS_NAMES = ("embed", "mlp", "heads", "kv", "vocab", "classes")
+
+DEFAULT_LOGICAL_AXIS_RULES = (
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("vocab", "tensor"),
+    ("classes", None),
+)
+
+#: HF BERT initialiser: normal(std=0.02) kernels, zero biases.
+default_kernel_init = nnx.initializers.normal(0.02)
+zeros_init = nnx.initializers.zeros_init()
+ones_init = nnx.initializers.ones_init()
+
+
+def _eager_sharding_possible() -> bool:
+    """Shard parameters at creation only when a mesh and logical rules are both in context."""
+    try:
+        if not nnx.using_eager_sharding():
+            return False
+    except AttributeError:  # older flax: no eager sharding at all
+        return False
+    mesh = jax.sharding.get_abstract_mesh()
+    return (not mesh.empty) and bool(core_spmd.get_logical_axis_rules())
+
+
+def partitioned(init: Callable[..., Array], names: Sequence[str | None]) -> Callable[..., Array]:
+    """Wrap an initializer so the created ``nnx.Param`` carries logical axis ``names``."""
+    return nnx.with_partitioning(init, tuple(names), eager_sharding=_eager_sharding_possible())
+
+
+def _cast(x: Array, dtype: Dtype | None) -> Array:
+    return x if dtype is None else x.astype(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Basic layers
+# ---------------------------------------------------------------------------------------------
+
+
+class DenseGeneral(nnx.Module):
+    """``y = einsum(x, kernel) + bias`` contracting the last ``len(in_shape)`` dims of ``x``.
+
+    ``kernel`` has shape ``in_shape + out_shape``; ``bias`` has shape ``out_shape``. The
+    contraction is a single ``dot_general`` (one GEMM), whatever the number of output dims.
+    """
+
+    def __init__(
+        self,
+        in_shape: int | Sequence[int],
+        out_shape: int | Sequence[int],
+        *,
+        kernel_axes: Sequence[str | None],
+        bias_axes: Sequence[str | None] | None = None,
+        use_bias: bool = True,
+        kernel_init: Callable[..., Array] = default_kernel_init,
+        bias_init: Callable[..., Array] = zeros_init,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        precision: Any = None,
+        rngs: nnx.Rngs,
+    ):
+        self.in_shape = (in_shape,) if isinstance(in_shape, int) else tuple(in_shape)
+        self.out_shape = (out_shape,) if isinstance(out_shape, int) else tuple(out_shape)
+        kshape = self.in_shape + self.out_shape
+        if len(kernel_axes) != len(kshape):
+            raise ValueError(f"kernel_axes {kernel_axes} do not match kernel shape {kshape}")
+        self.kernel = nnx.Param(partitioned(kernel_init, kernel_axes)(rngs.params(), kshape, param_dtype))
+        if use_bias:
+            if bias_axes is None:
+                bias_axes = tuple(kernel_axes[len(self.in_shape):])
+            self.bias = nnx.Param(partitioned(bias_init, bias_axes)(rngs.params(), self.out_shape, param_dtype))
+        else:
+            self.bias = nnx.data(None)
+        self.dtype = dtype
+        self.precision = precision
+
+    def __call__(self, x: Array) -> Array:
+        kernel = self.kernel[...]
+        dtype = self.dtype or jnp.promote_types(x.dtype, kernel.dtype)
+        x, kernel = x.astype(dtype), kernel.astype(dtype)
+        n_in = len(self.in_shape)
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        y = jax.lax.dot_general(x, kernel, (contract, ((), ())), precision=self.precision)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(dtype)
+        return y
+
+
+class LayerNorm(nnx.Module):
+    """Layer normalisation over the last axis, statistics in float32 (two-pass variance)."""
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        eps: float = 1e-12,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.scale = nnx.Param(partitioned(ones_init, (None,))(rngs.params(), (dim,), param_dtype))
+        self.bias = nnx.Param(partitioned(zeros_init, (None,))(rngs.params(), (dim,), param_dtype))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: Array) -> Array:
+        out_dtype = self.dtype or x.dtype
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        xc = xf - mean
+        var = jnp.mean(jnp.square(xc), axis=-1, keepdims=True)
+        y = xc * jax.lax.rsqrt(var + self.eps)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(out_dtype)
+
+
+class Embed(nnx.Module):
+    """Embedding table ``[num, dim]`` with optional HF-style ``padding_idx``.
+
+    As in ``torch.nn.Embedding(padding_idx=p)``: row ``p`` is zero at init and receives no
+    gradient, while the forward pass still reads the row's value (so a loaded non-zero row is
+    used as is).
+    """
+
+    def __init__(
+        self,
+        num: int,
+        dim: int,
+        *,
+        axes: Sequence[str | None] = ("vocab", "embed"),
+        padding_idx: int | None = None,
+        embedding_init: Callable[..., Array] = default_kernel_init,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if padding_idx is not None and not 0 <= padding_idx < num:
+            raise ValueError(f"padding_idx {padding_idx} outside [0, {num})")
+
+        def init(key, shape, dtype):
+            table = embedding_init(key, shape, dtype)
+            return table if padding_idx is None else table.at[padding_idx].set(0)
+
+        self.embedding = nnx.Param(partitioned(init, axes)(rngs.params(), (num, dim), param_dtype))
+        self.padding_idx = padding_idx
+        self.num = num
+        self.dtype = dtype
+
+    def __call__(self, ids: Array) -> Array:
+        x = jnp.take(self.embedding[...], ids, axis=0)
+        if self.padding_idx is not None:
+            x = jnp.where((ids == self.padding_idx)[..., None], jax.lax.stop_gradient(x), x)
+        return _cast(x, self.dtype)
+
+
+def keep_mask(key: Array, shape: Sequence[int], rate: float) -> tuple[Array, float]:
+    """Boolean keep mask with ``P(drop) = rate`` (to 1/65536) and the exact keep probability.
+
+    Draws 16 bits per element, two per 32-bit random word: the same distribution as
+    ``jax.random.bernoulli`` at about a quarter of the random-number cost (which matters for
+    dropout on CPU).
+    """
+    n = math.prod(shape)
+    words = jax.random.bits(key, ((n + 1) // 2,), jnp.uint32)
+    halves = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(-1)[:n].reshape(shape)
+    threshold = min(max(int(round(rate * 65536)), 0), 65535)
+    return halves >= jnp.uint16(threshold), (65536 - threshold) / 65536
+
+
+class Dropout(nnx.Module):
+    """Inverted dropout with the ``nnx.Dropout`` interface (``deterministic``, ``rngs``, ``rate``).
+
+    ``model.train()``/``model.eval()`` toggle ``deterministic``; the call argument overrides it.
+    Keys come from the module's own fork of the ``dropout`` RNG stream. The mask uses
+    :func:`keep_mask` (16-bit draws; the scale is the exact inverse keep probability).
+    """
+
+    def __init__(
+        self,
+        rate: float,
+        *,
+        deterministic: bool = False,
+        rng_collection: str = "dropout",
+        rngs: nnx.Rngs | nnx.RngStream | None = None,
+    ):
+        self.rate = float(rate)
+        self.deterministic = deterministic
+        if isinstance(rngs, nnx.Rngs):
+            self.rngs = rngs[rng_collection].fork()
+        elif isinstance(rngs, nnx.RngStream):
+            self.rngs = rngs.fork()
+        else:
+            self.rngs = nnx.data(None)
+
+    def __call__(self, x: Array, *, deterministic: bool | None = None, rngs: Any = None) -> Array:
+        deterministic = self.deterministic if deterministic is None else deterministic
+        if deterministic or self.rate == 0.0:
+            return x
+        if self.rate >= 1.0:
+            return jnp.zeros_like(x)
+        stream = rngs if rngs is not None else self.rngs
+        if stream is None:
+            raise ValueError("Dropout is not deterministic but has no rngs: build it with rngs=nnx.Rngs(...)")
+        key = stream() if callable(stream) else stream
+        keep, p = keep_mask(key, x.shape, self.rate)
+        return jnp.where(keep, x * jnp.asarray(1.0 / p, x.dtype), jnp.zeros((), x.dtype))
+
+
+class DropPath(nnx.Module):
+    """Stochastic depth: drop the whole residual branch per example with probability ``rate``."""
+
+    def __init__(self, rate: float = 0.0, *, deterministic: bool = False, rngs: nnx.Rngs | None = None):
+        self.rate = float(rate)
+        self.deterministic = deterministic
+        self.rngs = rngs["dropout"].fork() if (rngs is not None and rate > 0) else nnx.data(None)
+
+    def __call__(self, x: Array, *, deterministic: bool | None = None) -> Array:
+        deterministic = self.deterministic if deterministic is None else deterministic
+        if deterministic or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        mask = jax.random.bernoulli(self.rngs(), keep, shape)
+        return jnp.where(mask, x / keep, 0).astype(x.dtype)
+
+
+def attention_bias(mask: Array | None, dtype: Dtype = jnp.float32) -> Array | None:
+    """Boolean key-padding mask ``[B, T]`` (True = attend) → additive bias ``[B, 1, 1, T]``.
+
+    Same as HF's extended attention mask: 0 where attended, ``finfo(dtype).min`` elsewhere.
+    """
+    if mask is None:
+        return None
+    mask = jnp.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"attention mask must be [batch, tokens], got shape {mask.shape}")
+    return jnp.where(mask.astype(bool), 0.0, jnp.finfo(dtype).min).astype(dtype)[:, None, None, :]
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention, MLP, block, encoder
+# ---------------------------------------------------------------------------------------------
+
+
+def _activation(name: str) -> Callable[[Array], Array]:
+    if name in ("gelu", "gelu_erf"):
+        return lambda x: jax.nn.gelu(x, approximate=False)
+    if name in ("gelu_tanh", "gelu_new", "gelu_pytorch_tanh"):
+        return lambda x: jax.nn.gelu(x, approximate=True)
+    if name == "relu":
+        return jax.nn.relu
+    raise ValueError(f"unknown activation {name!r}; use 'gelu' (erf), 'gelu_tanh' or 'relu'")
+
+
+class MultiHeadAttention(nnx.Module):
+    """Self-attention with one fused q/k/v projection.
+
+    Parameters: ``qkv.kernel`` [embed, 3, heads, kv], ``qkv.bias`` [3, heads, kv],
+    ``out.kernel`` [heads, kv, embed], ``out.bias`` [embed]. (HF stores q, k and v as three
+    ``Linear`` layers; the converters split and join them.) Softmax runs in float32.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        qkv_bias: bool = True,
+        attention_dropout: float = 0.0,
+        kernel_init: Callable[..., Array] = default_kernel_init,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not a multiple of the number of heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        kw = dict(kernel_init=kernel_init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.qkv = DenseGeneral(
+            dim, (3, num_heads, self.head_dim), kernel_axes=("embed", None, "heads", "kv"),
+            use_bias=qkv_bias, **kw)
+        self.out = DenseGeneral(
+            (num_heads, self.head_dim), dim, kernel_axes=("heads", "kv", "embed"), **kw)
+        self.attn_dropout = Dropout(attention_dropout, rngs=rngs)
+        self.dtype = dtype
+
+    def __call__(self, x: Array, bias: Array | None = None, *, deterministic: bool | None = None) -> Array:
+        qkv = self.qkv(x)  # [B, T, 3, H, Dh]
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q = q * jnp.asarray(1.0 / math.sqrt(self.head_dim), q.dtype)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        if bias is not None:
+            scores = scores + bias
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        probs = self.attn_dropout(probs, deterministic=deterministic)
+        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        return self.out(ctx)
+
+
+class Mlp(nnx.Module):
+    """``fc2(act(fc1(x)))``: fc1 [embed, mlp], fc2 [mlp, embed]."""
+
+    def __init__(
+        self,
+        dim: int,
+        mlp_dim: int,
+        *,
+        activation: str = "gelu",
+        kernel_init: Callable[..., Array] = default_kernel_init,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        kw = dict(kernel_init=kernel_init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.fc1 = DenseGeneral(dim, mlp_dim, kernel_axes=("embed", "mlp"), **kw)
+        self.fc2 = DenseGeneral(mlp_dim, dim, kernel_axes=("mlp", "embed"), **kw)
+        self.activation = activation
+
+    def __call__(self, x: Array) -> Array:
+        return self.fc2(_activation(self.activation)(self.fc1(x)))
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+    """Shape and regularisation of one transformer block."""
+
+    dim: int
+    num_heads: int
+    mlp_dim: int
+    pre_norm: bool = False
+    layer_norm_eps: float = 1e-12
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    activation: str = "gelu"
+    qkv_bias: bool = True
+    initializer_range: float = 0.02
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+
+class TransformerBlock(nnx.Module):
+    """Post-LN (BERT) or pre-LN (ViT) transformer block.
+
+    Submodules: ``attn`` (MultiHeadAttention), ``norm1`` (after attention in post-LN; before it
+    in pre-LN), ``mlp`` (Mlp), ``norm2``, dropout and (pre-LN only) stochastic depth.
+    """
+
+    def __init__(self, cfg: BlockConfig, *, drop_path: float = 0.0, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(cfg.initializer_range)
+        common = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+        self.attn = MultiHeadAttention(
+            cfg.dim, cfg.num_heads, qkv_bias=cfg.qkv_bias, attention_dropout=cfg.attention_dropout,
+            kernel_init=init, **common)
+        self.norm1 = LayerNorm(cfg.dim, eps=cfg.layer_norm_eps, **common)
+        self.mlp = Mlp(cfg.dim, cfg.mlp_dim, activation=cfg.activation, kernel_init=init, **common)
+        self.norm2 = LayerNorm(cfg.dim, eps=cfg.layer_norm_eps, **common)
+        self.dropout = Dropout(cfg.dropout, rngs=rngs)
+        self.drop_path = DropPath(drop_path, rngs=rngs)
+        self.pre_norm = cfg.pre_norm
+
+    def __call__(self, x: Array, bias: Array | None = None, *, deterministic: bool | None = None) -> Array:
+        det = dict(deterministic=deterministic)
+        if self.pre_norm:
+            y = self.dropout(self.attn(self.norm1(x), bias, **det), **det)
+            x = x + self.drop_path(y, **det)
+            y = self.dropout(self.mlp(self.norm2(x)), **det)
+            return x + self.drop_path(y, **det)
+        x = self.norm1(x + self.dropout(self.attn(x, bias, **det), **det))
+        return self.norm2(x + self.dropout(self.mlp(x), **det))
+
+
+class Encoder(nnx.Module):
+    """A stack of ``num_layers`` transformer blocks (``layers[i]``).
+
+    ``remat=True`` recomputes each block's activations in the backward pass (``nnx.remat``).
+    ``drop_path`` is the stochastic-depth rate of the last block (linearly increasing from 0).
+    """
+
+    def __init__(
+        self,
+        cfg: BlockConfig,
+        num_layers: int,
+        *,
+        drop_path: float = 0.0,
+        remat: bool = False,
+        rngs: nnx.Rngs,
+    ):
+        rates = [drop_path * i / max(num_layers - 1, 1) for i in range(num_layers)]
+        self.layers = nnx.List([TransformerBlock(cfg, drop_path=r, rngs=rngs) for r in rates])
+        self.remat = remat
+
+    def __call__(
+        self,
+        x: Array,
+        mask: Array | None = None,
+        *,
+        deterministic: bool | None = None,
+        return_all: bool = False,
+    ) -> Array | tuple[Array, list[Array]]:
+        """``x`` [B, T, D]; ``mask`` boolean [B, T] (True = real token) or None."""
+        bias = attention_bias(mask)
+        hidden = []
+
+        def apply(block, h, b):
+            return block(h, b, deterministic=deterministic)
+
+        fn = nnx.remat(apply) if self.remat else apply
+        for block in self.layers:
+            x = fn(block, x, bias)
+            if return_all:
+                hidden.append(x)
+        return (x, hidden) if return_all else x
+
+
+def masked_mean(x: Array, mask: Array | None) -> Array:
+    """Mean over axis 1 of ``x`` [B, T, D] restricted to ``mask`` [B, T]; float32 result."""
+    x = x.astype(jnp.float32)
+    if mask is None:
+        return jnp.mean(x, axis=1)
+    m = jnp.asarray(mask).astype(jnp.float32)[..., None]
+    return jnp.sum(x * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
+
+
+class BertEmbeddings(nnx.Module):
+    """BERT input embeddings: word + absolute position + token type → LayerNorm → dropout.
+
+    Tables: ``word`` [vocab, embed] (row ``pad_token_id`` zero and frozen, like HF),
+    ``position`` [None, embed], ``token_type`` [None, embed].
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int,
+        *,
+        max_position: int = 512,
+        type_vocab_size: int = 2,
+        pad_token_id: int | None = 0,
+        layer_norm_eps: float = 1e-12,
+        dropout: float = 0.1,
+        initializer_range: float = 0.02,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        init = nnx.initializers.normal(initializer_range)
+        kw = dict(embedding_init=init, param_dtype=param_dtype, rngs=rngs)
+        self.word = Embed(vocab_size, dim, axes=("vocab", "embed"), padding_idx=pad_token_id, **kw)
+        self.position = Embed(max_position, dim, axes=(None, "embed"), **kw)
+        self.token_type = Embed(type_vocab_size, dim, axes=(None, "embed"), **kw)
+        self.norm = LayerNorm(dim, eps=layer_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.dropout = Dropout(dropout, rngs=rngs)
+        self.max_position = max_position
+
+    def __call__(
+        self,
+        input_ids: Array,
+        token_type_ids: Array | None = None,
+        *,
+        deterministic: bool | None = None,
+    ) -> Array:
+        t = input_ids.shape[1]
+        if t > self.max_position:
+            raise ValueError(f"sequence of {t} tokens exceeds max_position_embeddings={self.max_position}")
+        x = self.word(input_ids) + self.position.embedding[:t][None]
+        if token_type_ids is None:
+            x = x + self.token_type.embedding[0]
+        else:
+            x = x + self.token_type(token_type_ids)
+        return self.dropout(self.norm(x), deterministic=deterministic)

@@ -1,0 +1,292 @@
+"""BarcodeBERT: masked k-mer pretraining → species fine-tuning → linear and 1-NN probes.
+
+The three BIOSCAN-5M DNA metrics, as in the paper:
+
+* fine-tuned species accuracy on ``test`` (encoder + mean-pooled linear head, trained on ``train``);
+* linear-probe species accuracy on ``test`` (frozen pretrained encoder, softmax regression);
+* 1-NN genus accuracy on unseen species (cosine on masked-mean embeddings; keys = ``train``,
+  queries = ``test_unseen``).
+
+Every run also reports the 1-NN probe of the same encoder with random weights and of k-mer count
+vectors on the same split, so it shows what pretraining buys and where the model stands against
+the alignment-free baseline. Results go to ``workdir/summary.json``, ``workdir/summary.md`` and a
+plot of the training curves, ``workdir/training_curves.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from bioscan_jax.data import dna as dna_lib
+from bioscan_jax.data import pipeline, sources
+from bioscan_jax.eval import embed as embed_lib
+from bioscan_jax.eval import probes
+from bioscan_jax.models import kmer_bert
+from bioscan_jax.train import loop, losses
+from bioscan_jax.train import mesh as mesh_lib
+from bioscan_jax.train.metrics import read_metrics
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("pretrain", "finetune", "probes")
+#: Record fields the DNA pipelines read (parsing only these keeps the input fast).
+DNA_FEATURES = ("processid", "dna_barcode", "genus", "species")
+
+
+def _stage_config(config: ml_collections.ConfigDict, stage: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config the generic train loop reads: shared mesh/rules/seed + the stage's own train,
+    optim and checkpoint sections."""
+    c = ml_collections.ConfigDict()
+    c.seed = config.seed
+    c.mesh = config.mesh
+    c.sharding_rules = config.sharding_rules
+    c.train, c.optim, c.checkpoint = stage.train, stage.optim, stage.checkpoint
+    return c
+
+
+def _check_stages(config) -> tuple[str, ...]:
+    stages = tuple(s.strip() for s in config.stages.split(",") if s.strip())
+    bad = [s for s in stages if s not in STAGES]
+    if bad:
+        raise ValueError(f"unknown config.stages {bad}; valid: {', '.join(STAGES)}")
+    return stages
+
+
+def _model_config(config) -> kmer_bert.KmerBertConfig:
+    return kmer_bert.get_variant(config.model.variant, remat=bool(config.model.remat))
+
+
+def _local_batch(batch_size: int) -> int:
+    import jax
+
+    return batch_size // jax.process_count()
+
+
+def pretrain(config, data: sources.Splits, model_cfg, tokenizer, workdir: str) -> loop.TrainResult:
+    """MLM pretraining on ``data.pretrain_split`` (deduplicated by barcode when asked)."""
+    source = data[config.data.pretrain_split]
+    if config.data.dedup_pretrain:
+        keep = sources.unique_barcodes(source)
+        logger.info("pretraining on %d unique barcodes of %d records", len(keep), len(source))
+        source = sources.Subset(source, keep)
+    stage = config.pretrain
+    batch = stage.train.batch_size
+    if len(source) < batch:
+        raise ValueError(f"pretraining split has {len(source)} records, fewer than one batch of {batch}")
+
+    def data_iter():
+        return iter(pipeline.dna_pipeline(
+            source, tokenizer=tokenizer, batch_size=_local_batch(batch), train=True, seed=config.seed,
+            mlm=True, mask_prob=stage.mask_prob, masked_only=stage.masked_only,
+            worker_count=config.data.worker_count))
+
+    return loop.train(
+        _stage_config(config, stage), os.path.join(workdir, "pretrain"),
+        model_factory=lambda rngs: kmer_bert.KmerBertForMLM(model_cfg, rngs=rngs),
+        loss_fn=losses.mlm_loss, data_iter_factory=data_iter, steps_per_epoch=len(source) // batch)
+
+
+def finetune(config, data: sources.Splits, model_cfg, tokenizer, encoder: nnx.Module | None, workdir: str):
+    """Species fine-tuning on ``data.finetune_split``, starting from ``encoder`` (if given)."""
+    source = data[config.data.finetune_split]
+    num_classes = data.num_classes("species")
+    stage = config.finetune
+    batch = stage.train.batch_size
+
+    def factory(rngs):
+        return kmer_bert.KmerBertClassifier(model_cfg, num_classes, rngs=rngs)
+
+    warm_start = None
+    if encoder is not None:  # start the encoder from the pretrained one; the head stays random
+        warm_start = {"bert": nnx.state(encoder, nnx.Param).to_pure_dict()}
+
+    def data_iter():
+        return iter(pipeline.dna_pipeline(
+            source, tokenizer=tokenizer, batch_size=_local_batch(batch), train=True, seed=config.seed + 1,
+            label_rank="species", worker_count=config.data.worker_count))
+
+    return loop.train(
+        _stage_config(config, stage), os.path.join(workdir, "finetune"), model_factory=factory,
+        loss_fn=losses.classification_loss, data_iter_factory=data_iter, steps_per_epoch=len(source) // batch,
+        warm_start=warm_start)
+
+
+def _eval_batches(config, source, tokenizer):
+    return pipeline.dna_pipeline(
+        source, tokenizer=tokenizer, batch_size=config.probe.eval_batch_size, train=False,
+        drop_remainder=False, shard=None, num_epochs=1, keep=("genus", "species"))
+
+
+def embed_split(config, model: nnx.Module, source, tokenizer, mesh, fn) -> dict[str, np.ndarray]:
+    """``fn(model, batch)`` over a whole split, with its genus and species labels."""
+    return embed_lib.embed_batches(model, _eval_batches(config, source, tokenizer), fn, mesh=mesh,
+                                   batch_size=config.probe.eval_batch_size, keep=("genus", "species"))
+
+
+def pooled_embedding(model, batch):
+    """Masked mean of the encoder's last hidden layer (the reference's probe embedding)."""
+    encoder = model.bert if hasattr(model, "bert") else model
+    return encoder(batch["ids"], batch["attention_mask"])[1]["pooled"]
+
+
+def predicted_class(model, batch):
+    logits, _ = model(batch["ids"], batch["attention_mask"])
+    return logits.argmax(-1)[:, None]
+
+
+def kmer_baseline(config, data: sources.Splits) -> dict[str, Any]:
+    """1-NN genus accuracy of k-mer count vectors (cosine), keys and queries as the probe's."""
+    k = int(config.probe.kmer_baseline_k)
+    tok = dna_lib.KmerTokenizer(k, max_nucleotides=config.data.max_nucleotides)
+
+    def counts(split):
+        records = data[split]
+        seqs = [r["dna_barcode"] for r in records]
+        names = [r["processid"] for r in records]
+        ids, _ = tok(seqs, names=names)
+        genus = np.asarray([r["genus"] for r in records])
+        return dna_lib.kmer_counts(ids, k, dtype=np.float32), genus
+
+    kx, ky = counts(config.data.probe_key_split)
+    qx, qy = counts(config.data.probe_query_split)
+    return {**probes.knn_probe(kx, ky, qx, qy), "k": k}
+
+
+def run_probes(config, data, model_cfg, tokenizer, encoder, mesh) -> dict[str, Any]:
+    """Linear probe (species, train → test) and 1-NN probe (genus, train → test_unseen) of the
+    frozen ``encoder``; the same 1-NN probe of a random-init encoder and of k-mer counts."""
+    d = config.data
+    out: dict[str, Any] = {}
+    emb = {s: embed_split(config, encoder, data[s], tokenizer, mesh, pooled_embedding)
+           for s in dict.fromkeys((d.finetune_split, d.test_split, d.probe_key_split, d.probe_query_split))}
+    rank = config.probe.knn_rank
+    out["knn"] = probes.knn_probe(
+        emb[d.probe_key_split]["embedding"], emb[d.probe_key_split][rank],
+        emb[d.probe_query_split]["embedding"], emb[d.probe_query_split][rank])
+    lr = config.probe.linear_rank
+    out["linear"] = probes.linear_probe(
+        emb[d.finetune_split]["embedding"], emb[d.finetune_split][lr],
+        emb[d.test_split]["embedding"], emb[d.test_split][lr], num_classes=data.num_classes(lr),
+        epochs=config.probe.linear_epochs, lr=config.probe.linear_lr,
+        batch_size=config.probe.linear_batch_size, seed=config.seed)
+    if config.probe.random_init_baseline:
+        random_encoder = kmer_bert.KmerBert(model_cfg, rngs=nnx.Rngs(config.seed + 1000))
+        rnd = {s: embed_split(config, random_encoder, data[s], tokenizer, mesh, pooled_embedding)
+               for s in dict.fromkeys((d.probe_key_split, d.probe_query_split))}
+        out["knn_random_init"] = probes.knn_probe(
+            rnd[d.probe_key_split]["embedding"], rnd[d.probe_key_split][rank],
+            rnd[d.probe_query_split]["embedding"], rnd[d.probe_query_split][rank])
+    out["kmer_baseline"] = kmer_baseline(config, data)
+    return out
+
+
+def finetune_accuracy(config, model, data, tokenizer, mesh) -> dict[str, Any]:
+    """Species accuracy of the fine-tuned classifier on ``data.test_split`` (labelled rows)."""
+    pred = embed_split(config, model, data[config.data.test_split], tokenizer, mesh, predicted_class)
+    labelled = pred["species"] >= 0
+    correct = pred["embedding"][labelled, 0].astype(np.int64) == pred["species"][labelled]
+    return {"accuracy": float(correct.mean()) if labelled.any() else float("nan"),
+            "n_test": int(labelled.sum()), "n_excluded": int((~labelled).sum())}
+
+
+def summary_table(summary: dict[str, Any]) -> str:
+    """The paper's three DNA metrics plus the baselines, as a Markdown table."""
+    rows = [
+        ("Fine-tuned species accuracy (test)", summary.get("finetune", {}).get("accuracy")),
+        ("Linear probe species accuracy (test)", summary.get("probes", {}).get("linear", {}).get("accuracy")),
+        ("1-NN genus accuracy, unseen species (pretrained)", summary.get("probes", {}).get("knn", {}).get("accuracy")),
+        ("1-NN genus accuracy, unseen species (random init)",
+         summary.get("probes", {}).get("knn_random_init", {}).get("accuracy")),
+        (f"1-NN genus accuracy, unseen species (k-mer counts, k={summary.get('probes', {}).get('kmer_baseline', {}).get('k')})",
+         summary.get("probes", {}).get("kmer_baseline", {}).get("accuracy")),
+    ]
+    lines = ["| metric | % |", "|---|---:|"]
+    for name, value in rows:
+        if value is not None:
+            lines.append(f"| {name} | {100 * value:.2f} |")
+    return "\n".join(lines)
+
+
+def plot_curves(workdir: str) -> str | None:
+    """Training loss (and accuracy) per stage from the stages' ``metrics.jsonl``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = [s for s in ("pretrain", "finetune") if os.path.exists(os.path.join(workdir, s, "metrics.jsonl"))]
+    if not stages:
+        return None
+    fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.5), squeeze=False)
+    for ax, stage in zip(axes[0], stages):
+        records = [r for r in read_metrics(os.path.join(workdir, stage)) if "loss" in r and "step" in r]
+        steps = [r["step"] for r in records]
+        ax.plot(steps, [r["loss"] for r in records], label="loss")
+        ax.set_xlabel("step")
+        ax.set_title(stage)
+        if records and "accuracy" in records[0]:
+            ax2 = ax.twinx()
+            ax2.plot(steps, [r.get("accuracy") for r in records], color="tab:orange", label="accuracy")
+            ax2.set_ylabel("accuracy")
+        ax.set_ylabel("loss")
+    fig.tight_layout()
+    path = os.path.join(workdir, "training_curves.png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Pretrain → fine-tune → probes (``config.stages``); returns and writes the summary."""
+    t_start = time.perf_counter()
+    stages = _check_stages(config)
+    model_cfg = _model_config(config)
+    mesh = mesh_lib.make_mesh(config.mesh)
+    for stage in ("pretrain", "finetune"):  # fail on config errors before any compute
+        if stage in stages:
+            loop.validate_config(_stage_config(config, config[stage]), steps_per_epoch=1)
+    mesh_lib.validate_batch(config.probe.eval_batch_size, mesh)
+    os.makedirs(workdir, exist_ok=True)
+    tokenizer = dna_lib.KmerTokenizer(model_cfg.k, max_nucleotides=config.data.max_nucleotides)
+    d = config.data
+    wanted = dict.fromkeys((d.pretrain_split, d.finetune_split, d.test_split, d.probe_key_split, d.probe_query_split))
+    data = sources.open_splits(d, list(wanted), features=DNA_FEATURES, seed=config.seed)
+    summary: dict[str, Any] = {"data": data.description, "model": config.model.variant, "k": model_cfg.k,
+                               "split_sizes": {s: len(data[s]) for s in wanted}}
+    logger.info("data %s: %s", data.description, summary["split_sizes"])
+
+    encoder = None
+    if "pretrain" in stages:
+        t0 = time.perf_counter()
+        result = pretrain(config, data, model_cfg, tokenizer, workdir)
+        encoder = result.model().bert
+        summary["pretrain"] = {"steps": result.step, "seconds": time.perf_counter() - t0}
+    if "probes" in stages:
+        if encoder is None:
+            logger.warning("probes without pretraining: probing a random-init encoder")
+            encoder = kmer_bert.KmerBert(model_cfg, rngs=nnx.Rngs(config.seed))
+        t0 = time.perf_counter()
+        summary["probes"] = run_probes(config, data, model_cfg, tokenizer, encoder, mesh)
+        summary["probes"]["seconds"] = time.perf_counter() - t0
+    if "finetune" in stages:
+        t0 = time.perf_counter()
+        result = finetune(config, data, model_cfg, tokenizer, encoder, workdir)
+        summary["finetune"] = {**finetune_accuracy(config, result.model(), data, tokenizer, mesh),
+                               "steps": result.step, "seconds": time.perf_counter() - t0}
+    summary["seconds"] = time.perf_counter() - t_start
+    table = summary_table(summary)
+    print(table, flush=True)
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2, default=float)
+    with open(os.path.join(workdir, "summary.md"), "w") as f:
+        f.write(table + "\n")
+    plot_curves(workdir)
+    return summary

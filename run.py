@@ -14,6 +14,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from bioscan_jax import tasks
+from bioscan_jax.train import mesh as mesh_lib
+from bioscan_jax.train import multihost
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config(arg)).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and reports go here (default: config.workdir).")
@@ -26,7 +28,11 @@ def main(argv):
     from tensorflow_datasets.core.utils import tqdm_utils  # no TensorFlow import
 
     tqdm_utils.disable_progress_bar()
+    # Multi-process runs (TPU pod, several GPU hosts, python -m bioscan_jax.launch): join the
+    # other processes before anything touches a JAX backend, then check they share the config.
+    mesh_lib.maybe_initialize_distributed()
     config = _CONFIG.value
+    multihost.assert_same_config(config)
     workdir = _WORKDIR.value or config.get("workdir") or f"workdirs/{config.task}"
     logging.info("task=%s workdir=%s", config.task, workdir)
     tasks.run(config, workdir)

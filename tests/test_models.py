@@ -181,7 +181,7 @@ def test_copy_encoder(mlm):
     np.testing.assert_array_equal(h1, h2)
     np.testing.assert_array_equal(clf.head.kernel[...], head_before)
     with pytest.raises(ValueError, match="differ"):
-        kb.copy_encoder(mlm, kb.KmerBertClassifier(_bert_cfg(hidden_size=64), 4, rngs=nnx.Rngs(1)))
+        kb.copy_encoder(mlm, nnx.eval_shape(lambda: kb.KmerBertClassifier(_bert_cfg(hidden_size=64), 4, rngs=nnx.Rngs(1))))
 
 
 def test_remat_and_bf16(mlm):
@@ -356,6 +356,18 @@ def test_text_encoder():
     assert (small.num_layers, small.hidden_size, small.num_heads, small.intermediate_size) == (4, 512, 8, 2048)
     with pytest.raises(ValueError, match="valid variants"):
         text.get_variant("bert-huge")
+
+
+def test_attention_impl_xla_matches_einsum(mlm):
+    ids, mask = _ids()
+    fused = kb.KmerBertForMLM(_bert_cfg(attention_impl="xla"), rngs=nnx.Rngs(0))
+    nnx.update(fused, nnx.state(mlm, nnx.Param))
+    a, _ = _fwd(mlm, ids, mask)
+    b, _ = _fwd(fused, ids, mask)
+    m = np.asarray(mask)
+    np.testing.assert_allclose(np.asarray(a)[m], np.asarray(b)[m], atol=1e-5)
+    with pytest.raises(ValueError, match="attention_impl"):
+        layers.MultiHeadAttention(8, 2, attention_impl="flash", rngs=nnx.Rngs(0))
 
 
 def test_attention_bias():

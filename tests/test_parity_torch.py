@@ -3,6 +3,8 @@
 Same weights (copied with our converters) → same outputs within 1e-4 in float32.
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -161,6 +163,10 @@ def test_barcodebert_style_prefixes_and_errors():
     wrapped = {"model": {"module." + k: v for k, v in sd.items()}, "epoch": 3}
     hf_bert.load_hf_bert(ours, wrapped)
     np.testing.assert_array_equal(np.asarray(ours.classifier.kernel[...]), sd["classifier.weight"].numpy().T)
+    # the encoder alone: the MLM head is skipped and reported
+    enc = kb.KmerBert(_our_bert_config(), rngs=nnx.Rngs(0))
+    report = hf_bert.load_hf_bert(enc, wrapped)
+    assert "module.classifier.weight" in report["ignored"] and not report["unexpected"]
     # a classifier with a different label count keeps its fresh head but loads the encoder
     clf = kb.KmerBertClassifier(_our_bert_config(), 5, rngs=nnx.Rngs(0))
     report = hf_bert.load_hf_bert(clf, sd, strict=False)
@@ -262,6 +268,24 @@ def test_vit_file_round_trip_and_timm_mapping(tmp_path):
     np.testing.assert_array_equal(np.asarray(_fwd(fresh, jnp.asarray(x))[0]), np.asarray(feat))
 
 
+def test_vit_image_classification_head():
+    hcfg = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=128, num_labels=7)
+    torch.manual_seed(4)
+    hf = transformers.ViTForImageClassification(hcfg).eval()
+    ours = vit.ViT(vit.ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_layers=2, num_heads=4,
+                                 mlp_dim=128, num_classes=7), rngs=nnx.Rngs(0))
+    assert not hf_vit.load_hf_vit(ours, hf.state_dict())["unexpected"]
+    x = _images(seed=4)
+    with torch.no_grad():
+        ref = hf(pixel_values=torch.tensor(x.transpose(0, 3, 1, 2))).logits.numpy()
+    np.testing.assert_allclose(np.asarray(_fwd(ours, jnp.asarray(x))[0]), ref, atol=ATOL, rtol=0)
+    exported = hf_vit.export_hf_vit(ours, prefix="vit.")
+    assert "classifier.weight" in exported and "vit.layernorm.weight" in exported
+    headless = vit.ViT(dataclasses.replace(ours.config, num_classes=0), rngs=nnx.Rngs(1))
+    assert set(hf_vit.load_hf_vit(headless, exported)["ignored"]) == {"classifier.weight", "classifier.bias"}
+
+
 def test_vit_posemb_resampled_on_load():
     hf, _ = _vit_pair(seed=2)
     bigger = vit.ViT(vit.ViTConfig(image_size=48, patch_size=8, hidden_size=64, num_layers=2, num_heads=4,
@@ -300,4 +324,9 @@ def test_timm_vit_parity():
     exported = hf_vit.export_timm_vit(ours)
     sd = {k: v.numpy() for k, v in ref.state_dict().items()}
     assert set(exported) == set(sd), set(exported) ^ set(sd)
+    # a feature tower without a head takes the same checkpoint; the head is reported as skipped
+    tower = vit.ViT(dataclasses.replace(cfg, num_classes=0), rngs=nnx.Rngs(1))
+    report = hf_vit.load_timm_vit(tower, ref.state_dict())
+    assert set(report["ignored"]) == {"head.weight", "head.bias"}
+    np.testing.assert_allclose(np.asarray(_fwd(tower, jnp.asarray(x))[0]), feats[:, 0], atol=ATOL, rtol=0)
     assert timm.__version__

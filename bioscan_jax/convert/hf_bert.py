@@ -11,9 +11,10 @@ Key handling:
   unwrapped; the encoder prefix (``''``, ``'bert.'``, ``'module.bert.'``, ...) is found from the
   word-embedding key; the head (``classifier.*``) is looked up next to it;
 * old TF-style ``LayerNorm.gamma``/``beta`` names are accepted;
-* ``pooler.*``, ``embeddings.position_ids``/``token_type_ids`` buffers and BertForMaskedLM heads
-  (``cls.*``) are ignored and reported; any other key not used is an error (``strict=True``),
-  as is any missing key. The error message lists them.
+* ``pooler.*``, ``embeddings.position_ids``/``token_type_ids`` buffers, BertForMaskedLM heads
+  (``cls.*``) and a ``classifier.*`` head when the target model has none (loading an MLM
+  checkpoint into ``KmerBert``) are skipped and reported under ``'ignored'``; any other key not
+  used is an error (``strict=True``), as is any missing key. The error message lists them.
 
 Layout mapping (HF torch ``Linear.weight`` is [out, in]; ours are [in, out] kernels):
 ``attention.self.{query,key,value}`` → ``attn.qkv`` [D, 3, H, Dh];
@@ -73,16 +74,19 @@ def _is_array(v: Any) -> bool:
 
 
 def _unwrap(obj: Any) -> Mapping[str, Any]:
+    """Training checkpoints wrap the state dict: ``{'model': {...}, 'optimizer': ..., 'epoch': 3}``."""
     if not isinstance(obj, Mapping):
         raise ConversionError(f"expected a state dict (mapping of names to arrays), got {type(obj).__name__}")
-    while not any(_is_array(v) for v in obj.values()):
+    for _ in range(4):
         for key in _WRAPPER_KEYS:
-            if isinstance(obj.get(key), Mapping):
-                obj = obj[key]
+            inner = obj.get(key)
+            if isinstance(inner, Mapping) and inner:
+                obj = inner
                 break
         else:
-            raise ConversionError(
-                f"no arrays found in the checkpoint; top-level keys: {sorted(map(str, obj))[:20]}")
+            break
+    if not any(_is_array(v) for v in obj.values()):
+        raise ConversionError(f"no arrays found in the checkpoint; top-level keys: {sorted(map(str, obj))[:20]}")
     return obj
 
 
@@ -391,7 +395,9 @@ def load_hf_bert(
             set_linear(head.kernel, head.bias, hread, "classifier")
             read.used |= hread.used
             read.missing += hread.missing
-    return finish(read, strict=strict, what=type(model).__name__)
+    # a head the model does not have is skipped and reported (e.g. an MLM checkpoint → encoder)
+    extra = () if head is not None else (re.compile(r"(^|\.)classifier\.(weight|bias)$"),)
+    return finish(read, strict=strict, extra_ignorable=extra, what=type(model).__name__)
 
 
 def export_hf_bert(model: nnx.Module) -> StateDict:

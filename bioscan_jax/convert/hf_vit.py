@@ -4,13 +4,15 @@ HF layouts accepted (optionally under ``vit.``): the hub layout
 (``encoder.layer.{i}.attention.attention.query``, ``attention.output.dense``,
 ``intermediate.dense``, ``output.dense``, ``layernorm_before/after``, ``layernorm``) and the
 in-memory layout of transformers ≥ 5 (``layers.{i}.attention.{q,k,v,o}_proj``, ``mlp.fc1/fc2``).
-``pooler.*`` is ignored; ``classifier.*`` loads into the model's head when it has one.
+``pooler.*`` is ignored; ``classifier.*`` loads into the model's head when it has one (with the
+same number of classes) and is skipped and reported under ``'ignored'`` when it has none.
 Export writes the hub layout (what ``save_pretrained`` writes and every version loads).
 
 timm layout (``vit_base_patch16_224`` etc.): ``patch_embed.proj``, ``cls_token``, ``pos_embed``,
 ``blocks.{i}.{norm1, attn.qkv (fused [3D, D]), attn.proj, norm2, mlp.fc1, mlp.fc2}``, ``norm``
-(or ``fc_norm`` for average-pooled models), ``head``. timm models use LayerNorm eps 1e-6: build
-the model with ``layer_norm_eps=1e-6``.
+(or ``fc_norm`` for average-pooled models), ``head`` (skipped and reported when the model has no
+head, e.g. an ImageNet checkpoint for a feature tower). timm models use LayerNorm eps 1e-6:
+build the model with ``layer_norm_eps=1e-6``.
 
 Position embeddings stored for another resolution are resampled to the model's grid with
 :func:`~bioscan_jax.models.vit.resample_posemb` (bilinear) unless ``resample=False``.
@@ -151,7 +153,8 @@ def load_hf_vit(
     _set_head(model, sd, hread, "classifier", load_head)
     read.used |= hread.used
     read.missing += hread.missing
-    return finish(read, strict=strict, what="ViT")
+    extra = () if model.head is not None else (re.compile(r"(^|\.)classifier\.(weight|bias)$"),)
+    return finish(read, strict=strict, extra_ignorable=extra, what="ViT")
 
 
 def export_hf_vit(model: ViT, *, prefix: str = "") -> StateDict:
@@ -222,7 +225,8 @@ def load_timm_vit(
                 f" 'fc_norm' but the model has fc_norm={c.fc_norm}")
         set_norm(model.norm, read, key)
     _set_head(model, sd, read, "head", load_head)
-    return finish(read, strict=strict, what="ViT")
+    extra = () if model.head is not None else (re.compile(r"(^|\.)head\.(weight|bias)$"),)
+    return finish(read, strict=strict, extra_ignorable=extra, what="ViT")
 
 
 def export_timm_vit(model: ViT) -> StateDict:

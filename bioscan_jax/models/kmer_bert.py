@@ -50,6 +50,7 @@ class KmerBertConfig:
     vocab_size: int | None = None  # default 4**k + 2
     num_labels: int | None = None  # MLM classes, default 4**k
     hidden_act: str = "gelu"  # exact erf, as HF "gelu"
+    attention_impl: str = "einsum"  # or "xla" / "cudnn" (jax.nn.dot_product_attention when no attn dropout)
     dtype: Any = None  # compute dtype (None: float32 params → float32 compute)
     param_dtype: Any = jnp.float32
     remat: bool = False
@@ -84,6 +85,7 @@ class KmerBertConfig:
             dropout=self.dropout_rate,
             attention_dropout=self.attention_dropout_rate,
             activation=self.hidden_act,
+            attention_impl=self.attention_impl,
             initializer_range=self.initializer_range,
             dtype=self.dtype,
             param_dtype=self.param_dtype,

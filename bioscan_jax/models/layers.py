@@ -24,8 +24,10 @@ name       meaning                                      used by
                                                         MLM head (embed, vocab)
 ``classes`` classifier outputs                          classification heads (embed, classes)
 ``None``   replicated                                   LayerNorm scale/bias, position and
-                                                        token-type tables (None, embed),
-                                                        patch-conv spatial/channel dims
+                                                        token-type tables (None, embed), the
+                                                        stacked q/k/v dim, ViT patch kernel
+                                                        (None, None, None, embed), ViT cls and
+                                                        position embeddings (None, None, embed)
 ========== ============================================ =====================================
 
 ``DEFAULT_LOGICAL_AXIS_RULES`` is a rules table that covers every name above (MaxText style).
@@ -39,8 +41,8 @@ the rules and ``jax.jit(..., out_shardings=...)``.
 Dropout follows NNX conventions (:class:`Dropout` has the ``nnx.Dropout`` interface): every module
 with randomness holds its own RNG stream (from the ``dropout`` collection of the ``nnx.Rngs``
 passed at construction); ``model.train()`` / ``model.eval()`` toggle it, and a
-``deterministic=`` call argument overrides that. Masks are drawn 16 bits per element, which
-makes dropout about 4x cheaper than ``jax.random.bernoulli`` on CPU.
+``deterministic=`` call argument overrides that. Masks are drawn 16 bits per element (two per
+random word), about half the cost of ``jax.random.bernoulli`` on CPU.
 """
 
 from __future__ import annotations
@@ -219,8 +221,8 @@ def keep_mask(key: Array, shape: Sequence[int], rate: float) -> tuple[Array, flo
     """Boolean keep mask with ``P(drop) = rate`` (to 1/65536) and the exact keep probability.
 
     Draws 16 bits per element, two per 32-bit random word: the same distribution as
-    ``jax.random.bernoulli`` at about a quarter of the random-number cost (which matters for
-    dropout on CPU).
+    ``jax.random.bernoulli`` (to the 1/65536 rate quantum) at about half the random-number cost,
+    which matters for dropout on CPU.
     """
     n = math.prod(shape)
     words = jax.random.bits(key, ((n + 1) // 2,), jnp.uint32)
@@ -314,12 +316,21 @@ def _activation(name: str) -> Callable[[Array], Array]:
     raise ValueError(f"unknown activation {name!r}; use 'gelu' (erf), 'gelu_tanh' or 'relu'")
 
 
+ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
+
+
 class MultiHeadAttention(nnx.Module):
     """Self-attention with one fused q/k/v projection.
 
     Parameters: ``qkv.kernel`` [embed, 3, heads, kv], ``qkv.bias`` [3, heads, kv],
     ``out.kernel`` [heads, kv, embed], ``out.bias`` [embed]. (HF stores q, k and v as three
     ``Linear`` layers; the converters split and join them.) Softmax runs in float32.
+
+    ``attention_impl``: ``'einsum'`` (default; explicit scores, supports attention dropout),
+    or ``'xla'`` / ``'cudnn'`` for ``jax.nn.dot_product_attention`` with that implementation
+    (cuDNN flash attention on NVIDIA GPUs: bf16/fp16 only, and jax 0.11 rejects sequence lengths
+    it has no kernel for, e.g. ViT-B/16's 197 tokens), used whenever attention dropout is
+    inactive (eval, or rate 0); with attention dropout active the einsum path runs.
     """
 
     def __init__(
@@ -329,6 +340,7 @@ class MultiHeadAttention(nnx.Module):
         *,
         qkv_bias: bool = True,
         attention_dropout: float = 0.0,
+        attention_impl: str = "einsum",
         kernel_init: Callable[..., Array] = default_kernel_init,
         dtype: Dtype | None = None,
         param_dtype: Dtype = jnp.float32,
@@ -336,6 +348,8 @@ class MultiHeadAttention(nnx.Module):
     ):
         if dim % num_heads:
             raise ValueError(f"hidden size {dim} is not a multiple of the number of heads {num_heads}")
+        if attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         kw = dict(kernel_init=kernel_init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -345,15 +359,22 @@ class MultiHeadAttention(nnx.Module):
         self.out = DenseGeneral(
             (num_heads, self.head_dim), dim, kernel_axes=("heads", "kv", "embed"), **kw)
         self.attn_dropout = Dropout(attention_dropout, rngs=rngs)
+        self.attention_impl = attention_impl
         self.dtype = dtype
 
-    def __call__(self, x: Array, bias: Array | None = None, *, deterministic: bool | None = None) -> Array:
+    def __call__(self, x: Array, mask: Array | None = None, *, deterministic: bool | None = None) -> Array:
+        """``x`` [B, T, D]; ``mask`` boolean, broadcastable to [B, heads, T, T] (True = attend)."""
         qkv = self.qkv(x)  # [B, T, 3, H, Dh]
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        q = q * jnp.asarray(1.0 / math.sqrt(self.head_dim), q.dtype)
+        scale = 1.0 / math.sqrt(self.head_dim)
+        det = self.attn_dropout.deterministic if deterministic is None else deterministic
+        if self.attention_impl != "einsum" and (det or self.attn_dropout.rate == 0.0):
+            ctx = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=self.attention_impl)
+            return self.out(ctx)
+        q = q * jnp.asarray(scale, q.dtype)
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-        if bias is not None:
-            scores = scores + bias
+        if mask is not None:  # same as HF's additive finfo.min mask
+            scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         probs = self.attn_dropout(probs, deterministic=deterministic)
         ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
@@ -396,6 +417,7 @@ class BlockConfig:
     attention_dropout: float = 0.0
     activation: str = "gelu"
     qkv_bias: bool = True
+    attention_impl: str = "einsum"
     initializer_range: float = 0.02
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
@@ -413,7 +435,7 @@ class TransformerBlock(nnx.Module):
         common = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
         self.attn = MultiHeadAttention(
             cfg.dim, cfg.num_heads, qkv_bias=cfg.qkv_bias, attention_dropout=cfg.attention_dropout,
-            kernel_init=init, **common)
+            attention_impl=cfg.attention_impl, kernel_init=init, **common)
         self.norm1 = LayerNorm(cfg.dim, eps=cfg.layer_norm_eps, **common)
         self.mlp = Mlp(cfg.dim, cfg.mlp_dim, activation=cfg.activation, kernel_init=init, **common)
         self.norm2 = LayerNorm(cfg.dim, eps=cfg.layer_norm_eps, **common)
@@ -421,14 +443,15 @@ class TransformerBlock(nnx.Module):
         self.drop_path = DropPath(drop_path, rngs=rngs)
         self.pre_norm = cfg.pre_norm
 
-    def __call__(self, x: Array, bias: Array | None = None, *, deterministic: bool | None = None) -> Array:
+    def __call__(self, x: Array, mask: Array | None = None, *, deterministic: bool | None = None) -> Array:
+        """``mask``: boolean [B, 1, 1, T] key mask (True = attend) or None."""
         det = dict(deterministic=deterministic)
         if self.pre_norm:
-            y = self.dropout(self.attn(self.norm1(x), bias, **det), **det)
+            y = self.dropout(self.attn(self.norm1(x), mask, **det), **det)
             x = x + self.drop_path(y, **det)
             y = self.dropout(self.mlp(self.norm2(x)), **det)
             return x + self.drop_path(y, **det)
-        x = self.norm1(x + self.dropout(self.attn(x, bias, **det), **det))
+        x = self.norm1(x + self.dropout(self.attn(x, mask, **det), **det))
         return self.norm2(x + self.dropout(self.mlp(x), **det))
 
 
@@ -461,15 +484,26 @@ class Encoder(nnx.Module):
         return_all: bool = False,
     ) -> Array | tuple[Array, list[Array]]:
         """``x`` [B, T, D]; ``mask`` boolean [B, T] (True = real token) or None."""
-        bias = attention_bias(mask)
+        if mask is not None:
+            mask = jnp.asarray(mask)
+            if mask.ndim != 2:
+                raise ValueError(f"attention mask must be [batch, tokens], got shape {mask.shape}")
+            mask = mask.astype(bool)[:, None, None, :]
         hidden = []
 
         def apply(block, h, b):
             return block(h, b, deterministic=deterministic)
 
         fn = nnx.remat(apply) if self.remat else apply
+        # Keep activations split over the batch mesh axes between blocks (no-op without a mesh).
+        # Without it, under FSDP (parameters sharded on the same mesh axis as the batch) XLA may
+        # all-gather the whole batch: BarcodeBERT paper on fsdp=8 needed 32 GiB of temporaries
+        # per device instead of 5 GiB (python -m bioscan_jax.plan).
+        from bioscan_jax.train.mesh import constrain
+
+        x = constrain(x, ("batch", None, None))
         for block in self.layers:
-            x = fn(block, x, bias)
+            x = constrain(fn(block, x, mask), ("batch", None, None))
             if return_all:
                 hidden.append(x)
         return (x, hidden) if return_all else x

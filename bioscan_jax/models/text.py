@@ -34,6 +34,7 @@ class TextConfig:
     pad_token_id: int = 0
     initializer_range: float = 0.02
     hidden_act: str = "gelu"
+    attention_impl: str = "einsum"  # or "xla" / "cudnn" (jax.nn.dot_product_attention when no attn dropout)
     dtype: Any = None
     param_dtype: Any = jnp.float32
     remat: bool = False
@@ -48,6 +49,7 @@ class TextConfig:
             dropout=self.dropout_rate,
             attention_dropout=self.attention_dropout_rate,
             activation=self.hidden_act,
+            attention_impl=self.attention_impl,
             initializer_range=self.initializer_range,
             dtype=self.dtype,
             param_dtype=self.param_dtype,

@@ -104,6 +104,13 @@ def maybe_initialize_distributed() -> bool:
         kwargs["num_processes"] = int(env["JAX_NUM_PROCESSES"])
     if "JAX_PROCESS_ID" in env:
         kwargs["process_id"] = int(env["JAX_PROCESS_ID"])
+    # Optional timeouts (seconds), so that a dead or missing peer fails the others instead of
+    # hanging them (set by bioscan_jax.launch; see docs/pod_guide.md).
+    for name, arg in (("BIOSCAN_INIT_TIMEOUT_S", "initialization_timeout"),
+                      ("BIOSCAN_HEARTBEAT_TIMEOUT_S", "heartbeat_timeout_seconds"),
+                      ("BIOSCAN_SHUTDOWN_TIMEOUT_S", "shutdown_timeout_seconds")):
+        if env.get(name):
+            kwargs[arg] = int(env[name])
     jax.distributed.initialize(**kwargs)
     logger.info("jax.distributed initialised: process %d of %d", jax.process_index(), jax.process_count())
     return True

@@ -1,0 +1,207 @@
+"""ViT forward+backward throughput: our NNX ViT (jitted) vs HF ``ViTForImageClassification``.
+
+One measured step = forward on a batch of 224×224 images, softmax cross-entropy on a
+1000-class head over the CLS token, backward to all parameters (no optimiser update, so both
+sides do the same work). Prints one JSON line per measurement (``matmul_peak``, ``jax_nnx``,
+``torch_hf``, ``comparison``); FLOPs from XLA's cost analysis (or the analytic count).
+
+Usage::
+
+    python benchmarks/vit_step_benchmark.py --variant B/16 --batch 8 --steps 3
+    python benchmarks/vit_step_benchmark.py --device gpu --dtype bf16 --batch 128 --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variant", default="B/16")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    p.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
+    p.add_argument("--peak-n", type=int, default=4096)
+    p.add_argument("--tf32", action="store_true",
+                   help="GPU f32 only: allow TF32 matmuls on both sides (default: full f32 on both)")
+    p.add_argument("--attention", default="einsum", choices=["einsum", "xla", "cudnn"],
+                   help="attention_impl of our model (cudnn: flash attention on GPU, bf16, no attention dropout)")
+    p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--no-jax", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def emit(**record):
+    print(json.dumps(record), flush=True)
+
+
+def analytic_flops(cfg, batch):
+    n = (cfg.image_size // cfg.patch_size) ** 2 + 1
+    d, f, L = cfg.hidden_size, cfg.mlp_dim, cfg.num_layers
+    params = L * (4 * d * d + 2 * d * f) + cfg.patch_size**2 * cfg.num_channels * d
+    return 6 * params * batch * n + 12 * L * batch * n * n * d
+
+
+def measure_peak(n, dtype):
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    f = jax.jit(jnp.dot)
+    f(a, a).block_until_ready()
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        f(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def run_jax(args, cfg, images, labels):
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from bioscan_jax.models import vit
+
+    model = vit.ViT(cfg, rngs=nnx.Rngs(args.seed))
+    model.train()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    images, labels = jnp.asarray(images), jnp.asarray(labels)
+
+    def loss_fn(p, rest, x, y):
+        m = nnx.merge(graphdef, p, rest, copy=True)
+        logits, _ = m(x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    step = jax.jit(jax.value_and_grad(loss_fn))
+    t0 = time.perf_counter()
+    compiled = step.lower(params, rest, images, labels).compile()
+    compile_s = time.perf_counter() - t0
+    flops = None
+    try:
+        ca = compiled.cost_analysis()
+        ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+        flops = float(ca["flops"]) if ca and ca.get("flops", 0) > 0 else None
+    except Exception:
+        pass
+    for _ in range(args.warmup):
+        jax.block_until_ready(compiled(params, rest, images, labels))
+    times, cpu = [], []
+    for _ in range(args.steps):
+        c0 = time.process_time()
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(params, rest, images, labels))
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return times, cpu, flops, compile_s
+
+
+def run_torch(args, cfg, images, labels):
+    import torch
+    import transformers
+
+    dev = torch.device("cuda" if (args.device == "gpu" and torch.cuda.is_available()) else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = bool(args.tf32)
+    torch.backends.cudnn.allow_tf32 = bool(args.tf32)
+    if args.device == "gpu" and dev.type != "cuda":
+        raise RuntimeError("--device gpu but torch.cuda is not available")
+    torch.manual_seed(args.seed)
+    hcfg = transformers.ViTConfig(
+        image_size=cfg.image_size, patch_size=cfg.patch_size, hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, intermediate_size=cfg.mlp_dim,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=cfg.num_classes)
+    model = transformers.ViTForImageClassification(hcfg).to(dev).train()
+    x = torch.tensor(images.transpose(0, 3, 1, 2), device=dev)
+    y = torch.tensor(labels, dtype=torch.long, device=dev)
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        with autocast:
+            logits = model(pixel_values=x).logits
+        loss = torch.nn.functional.cross_entropy(logits.float(), y)
+        loss.backward()
+        return loss
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(args.warmup):
+        step()
+    sync()
+    times, cpu = [], []
+    for _ in range(args.steps):
+        c0 = time.process_time()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return times, cpu, model.config._attn_implementation
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu" if args.device == "cpu" else "cuda")
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    import jax
+    import jax.numpy as jnp
+
+    if args.device == "gpu" and args.dtype == "f32":  # same matmul precision on both sides
+        jax.config.update("jax_default_matmul_precision", "tensorfloat32" if args.tf32 else "highest")
+    import numpy as np
+
+    from bioscan_jax.models import vit
+
+    cfg = vit.get_variant(args.variant, image_size=args.image_size, num_classes=args.num_classes,
+                          dtype=jnp.bfloat16 if args.dtype == "bf16" else None, attention_impl=args.attention)
+    rng = np.random.default_rng(args.seed)
+    images = rng.random((args.batch, cfg.image_size, cfg.image_size, 3), dtype=np.float32)
+    labels = rng.integers(0, cfg.num_classes, args.batch).astype(np.int32)
+    common = dict(attention=args.attention, variant=args.variant, batch=args.batch, image_size=cfg.image_size, dtype=args.dtype,
+                  device=args.device, jax_device=jax.devices()[0].device_kind, cpu_count=os.cpu_count(),
+                  load_avg=os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
+    peak = measure_peak(args.peak_n, jnp.bfloat16 if args.dtype == "bf16" else jnp.float32)
+    emit(benchmark="matmul_peak", n=args.peak_n, flops_per_s=peak, **common)
+    analytic = analytic_flops(cfg, args.batch)
+    jax_s = torch_s = jax_cpu = torch_cpu = None
+    if not args.no_jax:
+        times, cpu, flops, compile_s = run_jax(args, cfg, images, labels)
+        jax_s, jax_cpu = statistics.median(times), statistics.median(cpu)
+        f, src = (flops, "xla") if (flops and flops >= 0.5 * analytic) else (analytic, "analytic")
+        emit(benchmark="vit_fwd_bwd", impl="jax_nnx", step_s=jax_s, step_s_all=times, cpu_s_per_step=jax_cpu,
+             images_per_s=args.batch / jax_s, flops_per_step=f, flops_source=src, flops_analytic=analytic,
+             flops_per_s=f / jax_s, fraction_of_matmul_peak=f / jax_s / peak, compile_s=compile_s, **common)
+    if not args.no_torch:
+        try:
+            times, cpu, attn = run_torch(args, cfg, images, labels)
+        except ImportError as e:
+            emit(benchmark="vit_fwd_bwd", impl="torch_hf", skipped=f"torch/transformers missing: {e}")
+        else:
+            torch_s, torch_cpu = statistics.median(times), statistics.median(cpu)
+            emit(benchmark="vit_fwd_bwd", impl="torch_hf", step_s=torch_s, step_s_all=times, cpu_s_per_step=torch_cpu,
+                 images_per_s=args.batch / torch_s, flops_per_step=analytic, flops_source="analytic",
+                 flops_per_s=analytic / torch_s, fraction_of_matmul_peak=analytic / torch_s / peak,
+                 attn_implementation=attn, **common)
+    if jax_s and torch_s:
+        emit(benchmark="vit_fwd_bwd_comparison", variant=args.variant, batch=args.batch, dtype=args.dtype,
+             device=args.device, jax_step_s=jax_s, torch_step_s=torch_s, speedup=torch_s / jax_s,
+             jax_cpu_s=jax_cpu, torch_cpu_s=torch_cpu, speedup_cpu_time=torch_cpu / jax_cpu)
+
+
+if __name__ == "__main__":
+    main()

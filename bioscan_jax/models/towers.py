@@ -1,0 +1,202 @@
+"""CLIBD towers: image, DNA and taxonomy-text encoders projected into one shared space (Flax NNX).
+
+Each tower is an encoder, a pooling and a linear projection to ``embed_dim``, followed by L2
+normalisation (as in BIOSCAN-CLIBD):
+
+========= =========================================== ============================== =============
+modality  encoder                                     pooled feature                 batch keys
+========= =========================================== ============================== =============
+image     :class:`~bioscan_jax.models.vit.ViT`        CLS token after the final norm ``image``
+dna       :class:`~bioscan_jax.models.kmer_bert.      masked mean of the last        ``dna_ids``,
+          KmerBert` (BarcodeBERT)                     hidden layer                   ``dna_attention_mask``
+text      :class:`~bioscan_jax.models.text.           masked mean of the last        ``text_ids``,
+          TextEncoder` (taxonomy string)              hidden layer                   ``text_attention_mask``
+========= =========================================== ============================== =============
+
+:class:`ClibdModel` holds any subset of the towers (at least one; the contrastive loss needs
+two) and the logit scale ``log_scale`` (init ``log(1/0.07)``; an ``nnx.Param`` when learnable,
+a :class:`FixedLogScale` variable — never optimised — otherwise). Calling it on a batch returns
+``(features, aux)``: ``features[modality]`` is ``[B, embed_dim]`` float32 with unit L2 norm,
+``aux[modality]`` the tower's encoder outputs (``pooled`` before the projection, ...).
+
+Projection kernels carry logical axes ``('embed', None)``: the encoder width may be sharded
+over ``fsdp``, the shared dimension is replicated.
+
+Pretrained encoders are loaded into a built model with :func:`load_encoder_state` (an
+``nnx.State`` of encoder parameters, e.g. a BarcodeBERT MLM checkpoint's ``bert``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bioscan_jax.models import kmer_bert, layers, text, vit
+
+Array = jax.Array
+
+#: Modalities in canonical order.
+MODALITIES: tuple[str, ...] = ("image", "dna", "text")
+#: Batch keys each tower reads.
+INPUT_KEYS: dict[str, tuple[str, ...]] = {
+    "image": ("image",),
+    "dna": ("dna_ids", "dna_attention_mask"),
+    "text": ("text_ids", "text_attention_mask"),
+}
+#: CLIP's initial logit scale, log(1 / 0.07).
+INIT_LOG_SCALE: float = math.log(1 / 0.07)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClibdConfig:
+    """The towers (``None`` = modality disabled), the shared dimension and the logit scale."""
+
+    image: vit.ViTConfig | None = None
+    dna: kmer_bert.KmerBertConfig | None = None
+    text: text.TextConfig | None = None
+    embed_dim: int = 768
+    init_log_scale: float = INIT_LOG_SCALE
+    learnable_scale: bool = True
+    param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        if not self.modalities:
+            raise ValueError("a CLIBD model needs at least one tower (image, dna or text)")
+        if self.embed_dim < 1:
+            raise ValueError(f"embed_dim must be positive, got {self.embed_dim}")
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """The enabled modalities, in canonical order."""
+        return tuple(m for m in MODALITIES if getattr(self, m) is not None)
+
+
+class FixedLogScale(nnx.Variable):
+    """A logit scale that is not trained (kept out of the optimised ``nnx.Param`` set)."""
+
+
+def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
+    """``x / max(||x||, eps)`` along the last axis, in float32."""
+    x = x.astype(jnp.float32)
+    norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
+    return x / jnp.maximum(norm, eps)
+
+
+def _projection(in_dim: int, embed_dim: int, param_dtype: Any, rngs: nnx.Rngs) -> layers.DenseGeneral:
+    return layers.DenseGeneral(
+        in_dim, embed_dim, kernel_axes=("embed", None),
+        kernel_init=nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
+        param_dtype=param_dtype, rngs=rngs)
+
+
+class ImageTower(nnx.Module):
+    """ViT → CLS token (after the final LayerNorm) → Linear → L2 normalisation."""
+
+    def __init__(self, config: vit.ViTConfig, embed_dim: int, *, rngs: nnx.Rngs):
+        if config.num_classes:
+            raise ValueError("the image tower's ViT must have no classification head (num_classes=0)")
+        self.encoder = vit.ViT(config, rngs=rngs)
+        self.projection = _projection(config.hidden_size, embed_dim, config.param_dtype, rngs)
+
+    def __call__(self, images: Array, *, deterministic: bool | None = None) -> tuple[Array, dict[str, Any]]:
+        pooled, aux = self.encoder(images, deterministic=deterministic)
+        return l2_normalize(self.projection(pooled)), {"pooled": pooled}
+
+
+class DnaTower(nnx.Module):
+    """BarcodeBERT → masked mean of the last hidden layer → Linear → L2 normalisation."""
+
+    def __init__(self, config: kmer_bert.KmerBertConfig, embed_dim: int, *, rngs: nnx.Rngs):
+        self.encoder = kmer_bert.KmerBert(config, rngs=rngs)
+        self.projection = _projection(config.hidden_size, embed_dim, config.param_dtype, rngs)
+
+    def __call__(self, ids: Array, attention_mask: Array, *, deterministic: bool | None = None):
+        _, aux = self.encoder(ids, attention_mask, deterministic=deterministic)
+        pooled = aux["pooled"]
+        return l2_normalize(self.projection(pooled.astype(self.projection.kernel.dtype))), {"pooled": pooled}
+
+
+class TextTower(nnx.Module):
+    """Taxonomy-text BERT → masked mean of the last hidden layer → Linear → L2 normalisation."""
+
+    def __init__(self, config: text.TextConfig, embed_dim: int, *, rngs: nnx.Rngs):
+        self.encoder = text.TextEncoder(config, rngs=rngs)
+        self.projection = _projection(config.hidden_size, embed_dim, config.param_dtype, rngs)
+
+    def __call__(self, ids: Array, attention_mask: Array, *, deterministic: bool | None = None):
+        pooled, _ = self.encoder(ids, attention_mask, deterministic=deterministic)
+        return l2_normalize(self.projection(pooled.astype(self.projection.kernel.dtype))), {"pooled": pooled}
+
+
+class ClibdModel(nnx.Module):
+    """The CLIBD towers and the logit scale. ``ClibdModel(ClibdConfig(...), rngs=nnx.Rngs(0))``."""
+
+    def __init__(self, config: ClibdConfig, *, rngs: nnx.Rngs):
+        self.config = c = config
+        self.image = ImageTower(c.image, c.embed_dim, rngs=rngs) if c.image is not None else nnx.data(None)
+        self.dna = DnaTower(c.dna, c.embed_dim, rngs=rngs) if c.dna is not None else nnx.data(None)
+        self.text = TextTower(c.text, c.embed_dim, rngs=rngs) if c.text is not None else nnx.data(None)
+        scale = jnp.asarray(c.init_log_scale, jnp.float32)
+        self.log_scale = nnx.Param(scale) if c.learnable_scale else FixedLogScale(scale)
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return self.config.modalities
+
+    def embed(self, modality: str, batch: Mapping[str, Array], *, deterministic: bool | None = None):
+        """``(features [B, embed_dim], aux)`` of one modality from its batch keys."""
+        tower = getattr(self, modality, None) if modality in MODALITIES else None
+        if tower is None:
+            raise ValueError(f"modality {modality!r} is not enabled; enabled: {list(self.modalities)}")
+        missing = [k for k in INPUT_KEYS[modality] if k not in batch]
+        if missing:
+            raise KeyError(f"batch has no {missing} for the {modality} tower (keys: {sorted(batch)})")
+        return tower(*(batch[k] for k in INPUT_KEYS[modality]), deterministic=deterministic)
+
+    def __call__(
+        self,
+        batch: Mapping[str, Array],
+        *,
+        modalities: Sequence[str] | None = None,
+        deterministic: bool | None = None,
+    ) -> tuple[dict[str, Array], dict[str, Any]]:
+        """Features of ``modalities`` (default: every enabled tower) for a batch dict."""
+        features, aux = {}, {}
+        for m in self.modalities if modalities is None else modalities:
+            features[m], aux[m] = self.embed(m, batch, deterministic=deterministic)
+        return features, aux
+
+
+def encoder_of(model: ClibdModel, modality: str) -> nnx.Module:
+    """The encoder (without projection) of one tower, e.g. the ViT of the image tower."""
+    tower = getattr(model, modality, None) if modality in MODALITIES else None
+    if tower is None:
+        raise ValueError(f"modality {modality!r} is not enabled; enabled: {list(model.modalities)}")
+    return tower.encoder
+
+
+def load_encoder_state(model: ClibdModel, modality: str, state: nnx.State | Mapping[str, Any]) -> None:
+    """Copies pretrained encoder parameters (an ``nnx.State`` or pure dict of the encoder's
+    ``nnx.Param``s, e.g. ``nnx.state(mlm_model.bert, nnx.Param)``) into a tower, in place.
+
+    Shapes must match exactly; a mismatch raises ``ValueError`` listing the differing paths.
+    """
+    encoder = encoder_of(model, modality)
+    target = nnx.state(encoder, nnx.Param)
+    pure = state.to_pure_dict() if isinstance(state, nnx.State) else dict(state)
+    pure = nnx.restore_int_paths(pure)  # checkpoints restore layer indices as strings
+    want = {p: tuple(jnp.shape(v)) for p, v in nnx.to_flat_state(target)}
+    have = {tuple(p): tuple(jnp.shape(v)) for p, v in jax.tree_util.tree_flatten_with_path(pure)[0]
+            for p in [tuple(getattr(k, "key", getattr(k, "idx", k)) for k in p)]}
+    if want != have:
+        diff = sorted(".".join(map(str, p)) for p in set(want) ^ set(have)
+                      | {p for p in set(want) & set(have) if want[p] != have[p]})
+        raise ValueError(f"pretrained {modality} encoder does not match the tower: {diff[:10]}")
+    target.replace_by_pure_dict(pure)
+    nnx.update(encoder, target)

@@ -1,0 +1,712 @@
+r"""CLIBD: contrastive alignment of image, DNA and taxonomy-text towers; retrieval evaluation.
+
+  python run.py --config=configs/clibd.py                      # tiny, embedded synthetic data
+  python run.py --config=configs/clibd.py:paper --config.data.manual_dir=/data/bioscan5m
+
+What a run does (``run``):
+
+1. opens ``data.train_split`` (default ``pretrain+train``), the key splits and the query splits;
+   training records without a DNA barcode are left out and counted (``n_train_without_dna``);
+2. builds the word vocabulary of the taxonomy text from ``data.vocab_split`` (saved as
+   ``workdir/text_vocab.json``) and the k-mer tokenizer of the DNA tower;
+3. optionally initialises encoders from pretrained weights (:func:`pretrained_encoders`):
+   ``model.dna.init = 'mlm'`` first runs BarcodeBERT masked-token pretraining
+   (:func:`bioscan_jax.tasks.barcodebert.pretrain`) in ``workdir/dna_pretrain``; a path
+   (a BarcodeBERT workdir, its ``pretrain/`` or ``pretrain/checkpoints`` directory, or an HF
+   BERT checkpoint) loads an existing encoder; ``model.image.init`` loads an HF/timm ViT;
+4. with ``eval.no_alignment`` evaluates the untrained model (same encoders, random projection
+   heads: the paper's "no alignment" row);
+5. trains with the symmetric InfoNCE loss over every ordered pair of enabled modalities
+   (:mod:`bioscan_jax.train.contrastive`) with the shared train loop (AdamW + OneCycle, mesh,
+   checkpoints, metrics) in ``workdir/train``;
+6. evaluates by nearest-key retrieval (keys ``train`` + ``key_unseen``, queries ``test`` and
+   ``test_unseen``; DNA→DNA, image→image, image→DNA; top-1/3/5 micro and macro accuracy per
+   rank, seen / unseen / harmonic mean) and writes ``retrieval.json``, ``retrieval.md``,
+   ``summary.json`` and bar charts ``retrieval_<rank>.png``; the tables are printed.
+
+Bad input in evaluation: images that fail to decode and records without DNA get a NaN embedding
+for that modality, so the retrieval metrics leave them out and count them (``n_queries_nan``,
+``n_keys_nan`` per pair; ``excluded`` per split in ``retrieval.json``); queries without a label at
+a rank are left out of that rank (``n_excluded_unlabelled``). An empty key or query split is a
+``ValueError`` naming the split. In training an undecodable image stops the run with an error
+naming the record (prepare the dataset with ``on_bad_record='skip'`` to drop such records).
+
+Other tasks use :func:`train_clibd` (train and return the model) and :func:`load_towers`
+(rebuild a trained model from its workdir).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from bioscan_jax.data import dna as dna_lib
+from bioscan_jax.data import pipeline, schema, sources
+from bioscan_jax.data import text as text_lib
+from bioscan_jax.eval import embed as embed_lib
+from bioscan_jax.eval import report as report_lib
+from bioscan_jax.eval import retrieval
+from bioscan_jax.models import kmer_bert, towers, vit
+from bioscan_jax.models import text as text_model
+from bioscan_jax.train import loop
+from bioscan_jax.train import mesh as mesh_lib
+from bioscan_jax.train.checkpoint import Checkpointer
+from bioscan_jax.train.contrastive import contrastive_loss
+from bioscan_jax.train.state import make_rngs
+from tfds_builder.bioscan5m import fields
+
+logger = logging.getLogger(__name__)
+
+#: Record fields the CLIBD pipelines read.
+FEATURES: tuple[str, ...] = (
+    fields.IMAGE, "processid", "dna_barcode", *schema.EVAL_RANKS, "dna_bin",
+    *(fields.name_feature(r) for r in schema.EVAL_RANKS),
+)
+#: One-letter names of the modalities in the alignment-setting label ("I+D+T").
+MODALITY_LETTERS = {"image": "I", "dna": "D", "text": "T"}
+NO_ALIGNMENT = "No alignment"
+VOCAB_FILE = "text_vocab.json"
+
+
+# ============================================================================= config → model
+
+
+def enabled_modalities(config) -> tuple[str, ...]:
+    """``config.model.modalities`` ("image,dna,text", any subset of two or more) in canonical order."""
+    wanted = [m.strip() for m in str(config.model.modalities).split(",") if m.strip()]
+    bad = [m for m in wanted if m not in towers.MODALITIES]
+    if bad:
+        raise ValueError(f"unknown config.model.modalities {bad}; valid: {', '.join(towers.MODALITIES)}")
+    mods = tuple(m for m in towers.MODALITIES if m in wanted)
+    if len(mods) < 2:
+        raise ValueError(f"config.model.modalities needs at least two modalities to align, got {mods}")
+    return mods
+
+
+def setting_name(modalities: Sequence[str]) -> str:
+    """The alignment-setting label of the paper's table, e.g. ``I+D+T``."""
+    return "+".join(MODALITY_LETTERS[m] for m in towers.MODALITIES if m in modalities)
+
+
+def _overrides(section) -> dict[str, Any]:
+    over = section.get("overrides", None)
+    return dict(over.to_dict() if hasattr(over, "to_dict") else (over or {}))
+
+
+def model_config(config, *, text_vocab_size: int | None = None) -> towers.ClibdConfig:
+    """The :class:`towers.ClibdConfig` of ``config.model`` (ViT image size = ``data.image_size``)."""
+    mods = enabled_modalities(config)
+    m = config.model
+    image = dna = text = None
+    if "image" in mods:
+        image = vit.get_variant(m.image.variant, **{**_overrides(m.image), "image_size": int(config.data.image_size)})
+    if "dna" in mods:
+        dna = kmer_bert.get_variant(m.dna.variant, **_overrides(m.dna))
+    if "text" in mods:
+        over = _overrides(m.text)
+        if text_vocab_size is not None:
+            over["vocab_size"] = int(text_vocab_size)
+        text = text_model.get_variant(m.text.variant, **over)
+    return towers.ClibdConfig(
+        image=image, dna=dna, text=text, embed_dim=int(m.embed_dim),
+        init_log_scale=float(config.loss.init_log_scale), learnable_scale=bool(config.loss.learnable_scale))
+
+
+# ============================================================================= data
+
+
+def _split_list(value) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return tuple(s.strip() for s in value.split(",") if s.strip())
+    return tuple(value)
+
+
+def eval_splits(config) -> tuple[tuple[str, ...], tuple[str, str]]:
+    """``(key splits, (seen query split, unseen query split))`` from ``config.eval``."""
+    keys = _split_list(config.eval.key_splits)
+    queries = _split_list(config.eval.query_splits)
+    if len(queries) != 2:
+        raise ValueError(f"config.eval.query_splits must name (seen, unseen) splits, got {queries}")
+    if not keys:
+        raise ValueError("config.eval.key_splits is empty")
+    return keys, (queries[0], queries[1])
+
+
+def _column(source: Sequence[Mapping[str, Any]], name: str) -> list[Any]:
+    select = getattr(source, "select", None)
+    view = select([name]) if select else source
+    return [view[i][name] for i in range(len(view))]
+
+
+def records_with_dna(source: Sequence[Mapping[str, Any]]) -> tuple[Sequence[Mapping[str, Any]], int]:
+    """``(source restricted to records that have a DNA barcode, number left out)``."""
+    barcodes = _column(source, "dna_barcode")
+    keep = np.asarray([i for i, b in enumerate(barcodes) if b and str(b).strip()], dtype=np.int64)
+    missing = len(source) - len(keep)
+    if missing == 0:
+        return source, 0
+    if len(keep) == 0:
+        raise ValueError("no training record has a DNA barcode")
+    return sources.Subset(source, keep), missing
+
+
+def build_vocab(config, data: sources.Splits) -> text_lib.TaxonomyVocab:
+    """Word vocabulary of the taxonomy text of ``data.vocab_split`` (CLIBD: the training split)."""
+    source = data[config.data.vocab_split]
+    names = [fields.name_feature(r) for r in schema.EVAL_RANKS]
+    select = getattr(source, "select", None)
+    view = select(names) if select else source
+    records = [{n: view[i][n] for n in names} for i in range(len(view))]
+    return text_lib.TaxonomyVocab.from_records(records, max_length=int(config.model.text.max_length))
+
+
+@dataclasses.dataclass
+class ClibdSetup:
+    """What training and evaluation share: the opened splits, the training records (with DNA),
+    the DNA tokenizer, the text vocabulary, the model config and the mesh."""
+
+    data: sources.Splits
+    train_source: Sequence[Mapping[str, Any]]
+    n_train_without_dna: int
+    tokenizer: dna_lib.KmerTokenizer
+    vocab: text_lib.TaxonomyVocab
+    model_config: towers.ClibdConfig
+    mesh: jax.sharding.Mesh
+
+
+def prepare(config, workdir: str | None = None, *, splits: Sequence[str] | None = None) -> ClibdSetup:
+    """Opens the data and builds the tokenizer, vocabulary and model config (saves the vocab)."""
+    keys, queries = eval_splits(config)
+    d = config.data
+    wanted = list(dict.fromkeys(splits if splits is not None else (d.train_split, d.vocab_split, *keys, *queries)))
+    data = sources.open_splits(d, wanted, features=FEATURES, seed=config.seed)
+    mods = enabled_modalities(config)
+    train_source, n_without_dna = None, 0
+    if d.train_split in data.sources:
+        train_source = data[d.train_split]
+        if "dna" in mods:
+            train_source, n_without_dna = records_with_dna(train_source)
+            if n_without_dna:
+                logger.warning("left out %d training records without a DNA barcode", n_without_dna)
+    vocab_path = os.path.join(workdir, VOCAB_FILE) if workdir else None
+    if vocab_path and os.path.exists(vocab_path):
+        vocab = text_lib.TaxonomyVocab.load(vocab_path)  # a resumed run keeps its vocabulary
+    else:
+        vocab = build_vocab(config, data)
+        if vocab_path:
+            os.makedirs(workdir, exist_ok=True)
+            vocab.save(vocab_path)
+    mcfg = model_config(config, text_vocab_size=len(vocab))
+    k = mcfg.dna.k if mcfg.dna is not None else kmer_bert.get_variant(config.model.dna.variant, **_overrides(config.model.dna)).k
+    tokenizer = dna_lib.KmerTokenizer(k, max_nucleotides=int(d.max_nucleotides))
+    return ClibdSetup(data=data, train_source=train_source, n_train_without_dna=n_without_dna, tokenizer=tokenizer,
+                     vocab=vocab, model_config=mcfg, mesh=mesh_lib.make_mesh(config.mesh))
+
+
+def _local_batch(batch_size: int) -> int:
+    return batch_size // jax.process_count()
+
+
+def train_iterator(config, setup: ClibdSetup) -> Iterator[Mapping[str, np.ndarray]]:
+    """The training batches: CLIBD augmentation, tokenised DNA, taxonomy text, positive labels."""
+    d = config.data
+    positives = str(config.loss.positives or "")
+    return iter(pipeline.clibd_pipeline(
+        setup.train_source, tokenizer=setup.tokenizer, vocab=setup.vocab,
+        batch_size=_local_batch(int(config.train.batch_size)), train=True, seed=config.seed,
+        label_ranks=(positives,) if positives else (), dna_random_offset=bool(d.dna_random_offset),
+        image_size=int(d.image_size), resize=int(d.resize), normalize=bool(d.normalize_images),
+        worker_count=int(d.worker_count), read_threads=d.get("read_threads") or None,
+        prefetch=d.get("prefetch") or None))
+
+
+# ============================================================================= pretrained encoders
+
+
+def _checkpoint_dir(path: str) -> str | None:
+    """The orbax checkpoint directory under a BarcodeBERT/CLIBD workdir path, if any."""
+    for candidate in (path, os.path.join(path, "checkpoints"), os.path.join(path, "pretrain", "checkpoints"),
+                      os.path.join(path, "train", "checkpoints")):
+        if os.path.isdir(candidate) and any(n.isdigit() for n in os.listdir(candidate)):
+            return candidate
+    return None
+
+
+@contextlib.contextmanager
+def quiet_library_logs(level: int = logging.WARNING):
+    """Raises the level of the ``absl`` logger (orbax, TFDS and XLA write their routine INFO lines
+    there) for the duration; the project's own loggers are not affected."""
+    absl_logger = logging.getLogger("absl")
+    old = absl_logger.level
+    absl_logger.setLevel(max(level, old))
+    try:
+        yield
+    finally:
+        absl_logger.setLevel(old)
+
+
+def _latest_step(checkpoint_dir: str) -> int:
+    steps = [int(n) for n in os.listdir(checkpoint_dir) if n.isdigit()]
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint in {checkpoint_dir}")
+    return max(steps)
+
+
+def restore_params(checkpoint_dir: str, step: int | None = None) -> dict[str, Any]:
+    """The trained parameters (pure dict, host numpy) of a train-loop checkpoint directory
+    (``<checkpoint_dir>/<step>/state``, newest step by default).
+
+    The restore target is built from the checkpoint's own metadata (replicated on one device), so
+    neither the optimizer nor the mesh of the run that wrote it needs to be known.
+    """
+    import orbax.checkpoint as ocp
+
+    step = _latest_step(checkpoint_dir) if step is None else int(step)
+    path = os.path.join(os.path.abspath(checkpoint_dir), str(step), Checkpointer.STATE)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no train state at {path}")
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def is_leaf(x):
+        return hasattr(x, "shape") and hasattr(x, "dtype")
+
+    with quiet_library_logs(logging.ERROR), ocp.PyTreeCheckpointer() as checkpointer:
+        meta = checkpointer.metadata(path)
+        tree = getattr(meta, "item_metadata", meta)
+        tree = getattr(tree, "tree", tree)
+        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device),
+                                tree["params"], is_leaf=is_leaf)
+        restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), abstract)
+        restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+            item={"params": abstract}, restore_args={"params": restore_args}, partial_restore=True))
+    return jax.device_get(restored["params"])
+
+
+def _kmer_bert_state(path: str, cfg: kmer_bert.KmerBertConfig) -> dict[str, Any]:
+    """DNA encoder parameters from a BarcodeBERT run (MLM or fine-tuned: its ``bert``), a CLIBD
+    run (its DNA tower's encoder), or an HF BERT checkpoint."""
+    ckpt_dir = _checkpoint_dir(path)
+    if ckpt_dir is not None:
+        params = restore_params(ckpt_dir)
+        if "bert" in params:
+            return params["bert"]
+        if isinstance(params.get("dna"), Mapping) and "encoder" in params["dna"]:
+            return params["dna"]["encoder"]
+        return params
+    from bioscan_jax.convert import hf_bert
+
+    encoder = kmer_bert.KmerBert(cfg, rngs=nnx.Rngs(0))
+    hf_bert.load_hf_bert(encoder, path, strict=False)
+    return nnx.state(encoder, nnx.Param).to_pure_dict()
+
+
+def _mlm_pretrain(config, setup: ClibdSetup, workdir: str) -> dict[str, Any]:
+    """BarcodeBERT masked-token pretraining of the DNA encoder (``config.dna_pretrain``)."""
+    from bioscan_jax.tasks import barcodebert
+
+    p = config.dna_pretrain
+    bb = ml_collections.ConfigDict()
+    bb.seed, bb.mesh, bb.sharding_rules = config.seed, config.mesh, config.sharding_rules
+    bb.data = ml_collections.ConfigDict(dict(pretrain_split=p.split, dedup_pretrain=bool(p.dedup),
+                                             worker_count=int(config.data.worker_count)))
+    bb.pretrain = ml_collections.ConfigDict(dict(train=p.train, optim=p.optim, checkpoint=p.checkpoint,
+                                                 mask_prob=float(p.mask_prob), masked_only=bool(p.masked_only)))
+    data = sources.open_splits(config.data, [p.split], features=barcodebert.DNA_FEATURES, seed=config.seed)
+    source, missing = records_with_dna(data[p.split])
+    if missing:
+        logger.warning("DNA pretraining: left out %d records without a DNA barcode", missing)
+    data.sources[p.split] = source
+    t0 = time.perf_counter()
+    result = barcodebert.pretrain(bb, data, setup.model_config.dna, setup.tokenizer, os.path.join(workdir, "dna_pretrain"))
+    logger.info("DNA MLM pretraining: %d steps in %.0f s", result.step, time.perf_counter() - t0)
+    return nnx.state(result.model().bert, nnx.Param).to_pure_dict()
+
+
+def pretrained_encoders(config, setup: ClibdSetup, workdir: str) -> dict[str, dict[str, Any]]:
+    """Pretrained encoder parameters by modality (pure dicts), from ``config.model.<m>.init``.
+
+    * ``dna.init``: ``''`` (random), ``'mlm'`` (BarcodeBERT pretraining here first, see
+      ``config.dna_pretrain``), or a path: a BarcodeBERT workdir / ``pretrain`` /
+      ``pretrain/checkpoints`` directory (e.g. of ``run.py --config=configs/barcodebert.py``
+      with the same model variant), or an HF BERT checkpoint;
+    * ``image.init``: ``''`` or an HF ``ViTModel`` / timm ViT checkpoint (file or directory).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    mcfg = setup.model_config
+    dna_init = str(config.model.dna.get("init", "") or "") if mcfg.dna is not None else ""
+    if dna_init == "mlm":
+        out["dna"] = _mlm_pretrain(config, setup, workdir)
+    elif dna_init:
+        out["dna"] = _kmer_bert_state(dna_init, mcfg.dna)
+    image_init = str(config.model.image.get("init", "") or "") if mcfg.image is not None else ""
+    if image_init:
+        from bioscan_jax.convert import hf_vit
+
+        encoder = vit.ViT(mcfg.image, rngs=nnx.Rngs(0))
+        loader = hf_vit.load_timm_vit if config.model.image.get("init_format", "hf") == "timm" else hf_vit.load_hf_vit
+        loader(encoder, image_init, strict=False)
+        out["image"] = nnx.state(encoder, nnx.Param).to_pure_dict()
+    return out
+
+
+def model_factory(setup: ClibdSetup, pretrained: Mapping[str, Mapping[str, Any]]):
+    """``rngs -> ClibdModel`` with the pretrained encoders copied in (the train loop's factory)."""
+
+    def factory(rngs: nnx.Rngs) -> towers.ClibdModel:
+        model = towers.ClibdModel(setup.model_config, rngs=rngs)
+        for modality, state in pretrained.items():
+            towers.load_encoder_state(model, modality, state)
+        return model
+
+    return factory
+
+
+# ============================================================================= training
+
+
+def make_loss_fn(config):
+    """``(model, batch, *, train) -> (loss, metrics)``: InfoNCE over all ordered modality pairs."""
+    positives = str(config.loss.positives or "")
+    chunk = int(config.loss.chunk_size or 0) or None
+    learnable = bool(config.loss.learnable_scale)
+    max_scale = float(config.loss.max_scale or 0) or None
+
+    def loss_fn(model, batch, *, train: bool):
+        del train
+        features, _ = model(batch)
+        labels = batch[f"label_{positives}"] if positives else None
+        return contrastive_loss(features, model.log_scale[...], labels=labels, chunk_size=chunk,
+                                trainable_scale=learnable, max_scale=max_scale)
+
+    return loss_fn
+
+
+def _check_config(config) -> None:
+    enabled_modalities(config)
+    positives = str(config.loss.positives or "")
+    if positives and positives not in fields.INDEX_FEATURES:
+        raise ValueError(f"config.loss.positives must be '' or a label column ({', '.join(fields.INDEX_FEATURES)}), "
+                         f"got {positives!r}")
+    if int(config.data.image_size) > int(config.data.resize):
+        raise ValueError(f"config.data.image_size ({config.data.image_size}) must be <= config.data.resize "
+                         f"({config.data.resize})")
+    mesh_lib.validate_batch(int(config.eval.batch_size), mesh_lib.make_mesh(config.mesh))
+
+
+def train_clibd(config, workdir: str, *, setup: ClibdSetup | None = None,
+                pretrained: Mapping[str, Any] | None = None) -> tuple[towers.ClibdModel, dict[str, Any]]:
+    """Contrastive training of the CLIBD towers (resumes from ``workdir/train/checkpoints``).
+
+    Returns ``(trained model, summary)``; the summary holds the step count, time and data sizes.
+    """
+    _check_config(config)
+    setup = setup or prepare(config, workdir)
+    if setup.train_source is None:
+        raise ValueError(f"split {config.data.train_split!r} was not opened")
+    if pretrained is None:
+        pretrained = pretrained_encoders(config, setup, workdir)
+    batch = int(config.train.batch_size)
+    steps_per_epoch = len(setup.train_source) // batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"training split {config.data.train_split!r} has {len(setup.train_source)} records with DNA, "
+                         f"fewer than one batch of {batch}")
+    loop.validate_config(config, steps_per_epoch=steps_per_epoch)
+    t0 = time.perf_counter()
+    result = loop.train(
+        config, os.path.join(workdir, "train"), model_factory=model_factory(setup, pretrained),
+        loss_fn=make_loss_fn(config), data_iter_factory=lambda: train_iterator(config, setup),
+        steps_per_epoch=steps_per_epoch)
+    summary = {"steps": result.step, "seconds": time.perf_counter() - t0, "n_train": len(setup.train_source),
+               "n_train_without_dna": setup.n_train_without_dna, "steps_per_epoch": steps_per_epoch,
+               "pretrained": sorted(pretrained)}
+    return result.model(), summary
+
+
+def load_towers(workdir: str, config=None, *, step: int | None = None) -> towers.ClibdModel:
+    """The trained CLIBD model of a run directory (``workdir/train/checkpoints`` and the saved
+    text vocabulary); ``config`` defaults to the run's saved ``config.json``."""
+    if config is None:
+        with open(os.path.join(workdir, "train", "config.json")) as f:
+            config = ml_collections.ConfigDict(json.load(f))
+    vocab = text_lib.TaxonomyVocab.load(os.path.join(workdir, VOCAB_FILE))
+    mcfg = model_config(config, text_vocab_size=len(vocab))
+    params = restore_params(os.path.join(workdir, "train", "checkpoints"), step)
+    model = towers.ClibdModel(mcfg, rngs=nnx.Rngs(0))
+    state = nnx.state(model, nnx.Param)
+    state.replace_by_pure_dict(params)
+    nnx.update(model, state)
+    return model
+
+
+# ============================================================================= evaluation
+
+
+class EvalImageRecord(pipeline.ImageRecord):
+    """The eval view of a record's image; an undecodable image becomes zeros with
+    ``image_ok=False`` (its embedding is set to NaN and counted, not dropped silently)."""
+
+    def random_map(self, element, rng):
+        try:
+            out = super().random_map(element, rng)
+            out["image_ok"] = True
+        except ValueError as e:
+            logger.warning("%s", e)
+            out = {k: element[k] for k in self.passthrough}
+            out[fields.IMAGE] = np.zeros((self.crop, self.crop, 3), np.float32)
+            out["image_ok"] = False
+        return out
+
+
+class EvalBatch(grain.transforms.Map):
+    """A list of eval records -> image, DNA tokens (missing DNA: ``dna_ok=False``), text, labels."""
+
+    def __init__(self, tokenizer, vocab, ranks: Sequence[str], split_id: int, with_image: bool):
+        self.tokenizer, self.vocab, self.ranks = tokenizer, vocab, tuple(ranks)
+        self.split_id, self.with_image = split_id, with_image
+
+    def map(self, element):
+        n = len(element)
+        out: dict[str, np.ndarray] = {"split_id": np.full((n,), self.split_id, np.int32)}
+        if self.with_image:
+            out[fields.IMAGE] = np.stack([r[fields.IMAGE] for r in element])
+            out["image_ok"] = np.asarray([r["image_ok"] for r in element], bool)
+        seqs = [r.get("dna_barcode") or "" for r in element]
+        ids, mask, _ = self.tokenizer.tokenize(seqs, names=[r.get("processid") for r in element], errors="count")
+        out["dna_ids"], out["dna_attention_mask"] = ids, mask
+        out["dna_ok"] = mask.any(axis=1)
+        out["text_ids"], out["text_attention_mask"] = self.vocab.encode(text_lib.taxonomy_texts(element))
+        for rank in self.ranks:
+            out[f"label_{rank}"] = np.asarray([r[rank] for r in element], np.int32)
+        return out
+
+
+def eval_batches(config, setup: ClibdSetup, source, split_id: int, ranks: Sequence[str]):
+    """One pass over a split in fixed-size batches (the last one smaller), eval image view."""
+    d = config.data
+    with_image = setup.model_config.image is not None
+    passthrough = tuple(dict.fromkeys(["processid", "dna_barcode", *ranks,
+                                       *(fields.name_feature(r) for r in schema.EVAL_RANKS)]))
+    needed = ([fields.IMAGE] if with_image else []) + list(passthrough)
+    ds = pipeline.records_pipeline(source, train=False, seed=config.seed, shard=None, num_epochs=1, features=needed)
+    if with_image:
+        ds = ds.random_map(EvalImageRecord(train=False, crop=int(d.image_size), resize=int(d.resize),
+                                           normalize=bool(d.normalize_images), passthrough=passthrough))
+    else:
+        ds = ds.map(lambda r: {**r, "image_ok": False})
+    ds = ds.batch(int(config.eval.batch_size), drop_remainder=False, batch_fn=list)
+    ds = ds.map(EvalBatch(setup.tokenizer, setup.vocab, ranks, split_id, with_image))
+    options = grain.ReadOptions()
+    if d.get("read_threads"):
+        options.num_threads = int(d.read_threads)
+    if d.get("prefetch"):
+        options.prefetch_buffer_size = int(d.prefetch)
+    return ds.to_iter_dataset(options)
+
+
+def eval_modalities(config, model_config: towers.ClibdConfig) -> tuple[str, ...]:
+    """Modalities that the retrieval pairs need and the model has."""
+    wanted = {m for pair in _pairs(config) for m in pair}
+    return tuple(m for m in model_config.modalities if m in wanted)
+
+
+def _pairs(config) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for item in _split_list(config.eval.pairs):
+        q, sep, k = item.partition("_to_")
+        if not sep or q not in towers.MODALITIES or k not in towers.MODALITIES:
+            raise ValueError(f"config.eval.pairs item {item!r} is not '<query>_to_<key>' over {towers.MODALITIES}")
+        pairs.append((q, k))
+    return tuple(pairs)
+
+
+class EmbeddingCache:
+    """Eval batches per split kept in memory when small, so several models embed the same
+    decoded images (the no-alignment baseline and the trained model)."""
+
+    def __init__(self, config, setup: ClibdSetup, splits: Sequence[str], ranks: Sequence[str]):
+        self.config, self.setup, self.splits, self.ranks = config, setup, tuple(splits), tuple(ranks)
+        keys, _ = eval_splits(config)
+        for split in self.splits:
+            if len(setup.data[split]) == 0:
+                role = "key" if split in keys else "query"
+                raise ValueError(f"{role} split {split!r} is empty: there is nothing to retrieve "
+                                 f"{'from' if role == 'key' else 'with'}")
+        total = sum(len(setup.data[s]) for s in self.splits)
+        self.cached = total <= int(config.eval.cache_max_records)
+        self._batches: list[Mapping[str, np.ndarray]] | None = None
+
+    def _stream(self):
+        for i, split in enumerate(self.splits):
+            yield from eval_batches(self.config, self.setup, self.setup.data[split], i, self.ranks)
+
+    def batches(self):
+        if not self.cached:
+            return self._stream()
+        if self._batches is None:
+            self._batches = list(self._stream())
+        return iter(self._batches)
+
+
+def embed_splits(config, model: towers.ClibdModel, setup: ClibdSetup, cache: EmbeddingCache,
+                 ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, dict[str, np.ndarray]], dict[str, Any]]:
+    """Embeds every split of ``cache`` with one jitted forward: ``(embeddings[split][modality],
+    labels[split][rank], excluded[split])``; failed images and missing DNA are NaN rows."""
+    mods = eval_modalities(config, setup.model_config)
+    dim = setup.model_config.embed_dim
+
+    def embed_fn(m, batch):
+        features, _ = m(batch, modalities=mods, deterministic=True)
+        return jnp.concatenate([features[x] for x in mods], axis=-1)
+
+    keep = ("split_id", "image_ok", "dna_ok", *(f"label_{r}" for r in cache.ranks))
+    out = embed_lib.embed_batches(model, cache.batches(), embed_fn, mesh=setup.mesh,
+                                  batch_size=int(config.eval.batch_size), keep=keep)
+    embeddings, labels, excluded = {}, {}, {}
+    for i, split in enumerate(cache.splits):
+        rows = out["split_id"] == i
+        if not rows.any():
+            raise ValueError(f"split {split!r} gave no records to embed")
+        emb, ok = {}, {"image": out["image_ok"][rows], "dna": out["dna_ok"][rows]}
+        for j, m in enumerate(mods):
+            x = out["embedding"][rows, j * dim:(j + 1) * dim].copy()
+            if m in ok:
+                x[~ok[m]] = np.nan
+            emb[m] = x
+        embeddings[split] = emb
+        labels[split] = {r: out[f"label_{r}"][rows] for r in cache.ranks}
+        excluded[split] = {"n_records": int(rows.sum()),
+                           "n_image_failed": int((~ok["image"]).sum()) if "image" in mods else None,
+                           "n_without_dna": int((~ok["dna"]).sum()) if "dna" in mods else None,
+                           **{f"n_unlabelled_{r}": int((labels[split][r] == schema.MISSING_INDEX).sum())
+                              for r in cache.ranks}}
+    return embeddings, labels, excluded
+
+
+def evaluate(config, model: towers.ClibdModel, setup: ClibdSetup, cache: EmbeddingCache | None = None
+             ) -> dict[str, Any]:
+    """The CLIBD retrieval benchmark of ``model`` (:func:`bioscan_jax.eval.retrieval.clibd_retrieval`)
+    plus the per-split exclusion counts under ``excluded``."""
+    keys, queries = eval_splits(config)
+    ranks = tuple(config.eval.ranks)
+    cache = cache or EmbeddingCache(config, setup, (*keys, *queries), ranks)
+    embeddings, labels, excluded = embed_splits(config, model, setup, cache)
+    results = retrieval.clibd_retrieval(
+        embeddings, labels, pairs=_pairs(config), key_splits=keys, query_splits=queries,
+        ks=tuple(config.eval.ks), ranks=ranks)
+    results["excluded"] = excluded
+    return results
+
+
+# ============================================================================= report
+
+
+def _pair_names(results: Mapping[str, Any]) -> list[str]:
+    return [p for p in results if p not in ("skipped_pairs", "excluded")]
+
+
+def report_tables(by_setting: Mapping[str, Mapping[str, Any]], ranks: Sequence[str]) -> str:
+    """The paper-style tables: species top-1 macro (default view), then every rank."""
+    pairs = [p for p in report_lib.PAPER_PAIRS if any(p in r for r in by_setting.values())]
+    extra = sorted({p for r in by_setting.values() for p in _pair_names(r)} - set(pairs))
+    pairs += extra
+    species = "species" if "species" in ranks else ranks[-1]
+    parts = [f"CLIBD retrieval, {species} (seen / unseen / harmonic mean)",
+             report_lib.format_table(by_setting, ranks=(species,), pairs=pairs)]
+    if len(ranks) > 1:
+        parts += ["", "Per rank", report_lib.format_table(by_setting, ranks=ranks, pairs=pairs)]
+        parts += ["", "Per rank, micro", report_lib.format_table(by_setting, ranks=ranks, pairs=pairs,
+                                                                  metric="micro_top1")]
+    return "\n".join(parts)
+
+
+def _exclusion_note(results: Mapping[str, Any]) -> str:
+    lines = []
+    for split, ex in results.get("excluded", {}).items():
+        bad = {k: v for k, v in ex.items() if k != "n_records" and v}
+        if bad:
+            lines.append(f"  {split} ({ex['n_records']} records): " + ", ".join(f"{k}={v}" for k, v in bad.items()))
+    return ("Left out of the affected metrics:\n" + "\n".join(lines)) if lines else ""
+
+
+def write_report(workdir: str, by_setting: Mapping[str, Mapping[str, Any]], ranks: Sequence[str],
+                 extra: Mapping[str, Any]) -> str:
+    """Writes ``retrieval.json``, ``retrieval.md`` and ``retrieval_<rank>.png``; returns the text."""
+    text = report_tables(by_setting, ranks)
+    note = _exclusion_note(next(iter(by_setting.values()))) if by_setting else ""
+    if note:
+        text += "\n\n" + note
+    with open(os.path.join(workdir, "retrieval.json"), "w") as f:
+        json.dump({"settings": by_setting, **extra}, f, indent=1, default=float)
+    with open(os.path.join(workdir, "retrieval.md"), "w") as f:
+        f.write(text + "\n")
+    pairs = [p for p in report_lib.PAPER_PAIRS if any(p in r for r in by_setting.values())]
+    for rank in ranks:
+        report_lib.bar_chart(by_setting, os.path.join(workdir, f"retrieval_{rank}.png"), ranks=(rank,), pairs=pairs)
+    report_lib.bar_chart(by_setting, os.path.join(workdir, "retrieval_all_ranks.png"), ranks=ranks, pairs=pairs)
+    return text
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Baseline (optional) → training → retrieval evaluation → report; returns the summary.
+
+    Routine INFO logs of the libraries (orbax, TFDS) are hidden unless ``config.quiet_logs`` is
+    False."""
+    if config.get("quiet_logs", True):
+        with quiet_library_logs():
+            return _run(config, workdir)
+    return _run(config, workdir)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    _check_config(config)
+    os.makedirs(workdir, exist_ok=True)
+    setup = prepare(config, workdir)
+    mods = enabled_modalities(config)
+    keys, queries = eval_splits(config)
+    ranks = tuple(config.eval.ranks)
+    summary: dict[str, Any] = {
+        "data": setup.data.description, "modalities": list(mods),
+        "split_sizes": {s: len(src) for s, src in setup.data.sources.items()},
+        "n_train": len(setup.train_source), "n_train_without_dna": setup.n_train_without_dna,
+    }
+    logger.info("data %s: %s", setup.data.description, summary["split_sizes"])
+    pretrained = pretrained_encoders(config, setup, workdir)
+    cache = EmbeddingCache(config, setup, (*keys, *queries), ranks)
+    by_setting: dict[str, Any] = {}
+    if config.eval.no_alignment:
+        t0 = time.perf_counter()
+        baseline = model_factory(setup, pretrained)(make_rngs(config.seed))
+        by_setting[NO_ALIGNMENT] = evaluate(config, baseline, setup, cache)
+        summary["no_alignment_eval_seconds"] = time.perf_counter() - t0
+        del baseline
+    model, train_summary = train_clibd(config, workdir, setup=setup, pretrained=pretrained)
+    summary["train"] = train_summary
+    t0 = time.perf_counter()
+    by_setting[setting_name(mods)] = evaluate(config, model, setup, cache)
+    summary["eval_seconds"] = time.perf_counter() - t0
+    summary["seconds"] = time.perf_counter() - t_start
+    headline = {}
+    for setting, res in by_setting.items():
+        headline[setting] = {p: res[p]["report"].get("species", {}).get("macro_top1") for p in _pair_names(res)}
+    summary["species_macro_top1"] = headline
+    text = write_report(workdir, by_setting, ranks, {"key_splits": list(keys), "query_splits": list(queries),
+                                                    "summary": summary})
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2, default=float)
+    print(text, flush=True)
+    print(f"\nCLIBD run finished in {summary['seconds']:.0f} s; reports in {workdir}", flush=True)
+    return summary

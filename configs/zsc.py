@@ -1,0 +1,160 @@
+r"""BIOSCAN-ZSC: zero-shot clustering of frozen image and DNA embeddings.
+
+  python run.py --config=configs/zsc.py                      # tiny, embedded synthetic data
+  python run.py --config=configs/zsc.py:paper --config.data.manual_dir=/data/bioscan5m \
+      --config.models.vit_b16.path=/weights/dino_vitb16.safetensors \
+      --config.models.barcodebert.path=workdirs/barcodebert_paper
+
+Variants: ``tiny`` (default: small encoders on the synthetic dataset, CPU minutes; the DNA
+encoder is pretrained on the fly by the BarcodeBERT task and the image encoder trained by the
+CLIBD task) and ``paper`` (BIOSCAN-5M test + test_unseen, ViT-B/16 and BarcodeBERT 8-4-4,
+UMAP to 50 dims, Ward, AMI at every rank).
+
+What is evaluated is ``encoders``: comma-separated specs ``<modality>:<model>[+<model>]``:
+
+* ``dna:barcodebert_pretrained`` — one DNA model;
+* ``image:vit_random`` — one image model;
+* ``image+dna:vit_clibd+barcodebert_pretrained`` — an image and a DNA model, each embedding
+  z-scored per feature, then concatenated.
+
+Every ``<model>`` names an entry of ``models``; each entry says which modality it embeds and
+where its weights come from (``weights``):
+
+========== ======== ==========================================================================
+weights    modality meaning
+========== ======== ==========================================================================
+random     both     random init (``variant``; seed ``config.seed``)
+pretrain   dna      pretrained on the fly by the BarcodeBERT task (``barcodebert`` section);
+                    the checkpoint is kept under the workdir and reused by later runs
+checkpoint dna      a BarcodeBERT workdir's pretraining checkpoint (``path``, model ``variant``)
+hf         both     an HF checkpoint converted on load (``path``: .safetensors/.bin/.npz;
+                    BERT/BarcodeBERT for dna, ``ViTModel`` for image)
+timm       image    a timm ViT state dict (``path``; LayerNorm eps 1e-6)
+clibd      both     the CLIBD tower of that modality (``clibd`` section; trained on the fly
+                    into ``clibd_workdir`` or the run's workdir unless a checkpoint is there)
+========== ======== ==========================================================================
+
+Image preprocessing is the ZSC protocol: Resize ``image_size`` → CenterCrop ``image_size``,
+then ``normalize``: ``none`` (our ViTs and CLIBD, trained without normalisation),
+``imagenet`` (imported ImageNet weights) or ``bioscan`` (the dataset's RGB mean/std). DNA:
+trailing N stripped, masked mean of the last hidden layer (``feature`` picks, for CLIBD towers,
+the aligned ``projection`` output or the ``encoder``'s pooled feature).
+"""
+
+import ml_collections
+
+from bioscan_jax.train.mesh import DEFAULT_SHARDING_RULES
+from configs import barcodebert as barcodebert_configs
+from configs import clibd as clibd_configs
+from configs import common
+
+VARIANTS = ("tiny", "paper")
+
+
+def model(modality, weights, *, variant="", overrides=None, path="", image_size=0, normalize="none",
+          layer_norm_eps=0.0, feature="projection"):
+    """One encoder definition (every field present so that any can be overridden by flags).
+
+    ``variant`` + ``overrides``: KmerBert variant (dna, default ``'tiny'``) or ViT variant such as
+    ``'B/16'`` (image), with config field overrides (e.g. ``num_layers``), for ``random``,
+    ``checkpoint``, ``hf`` and ``timm`` weights; ``image_size``: ViT input size (0 = 224);
+    ``layer_norm_eps``: 0 = the default of the weights (1e-6 for timm, 1e-12 otherwise);
+    ``feature``: CLIBD towers only, ``'projection'`` (aligned space) or ``'encoder'``.
+    """
+    return ml_collections.ConfigDict(dict(
+        modality=modality, weights=weights, variant=variant, overrides=dict(overrides or {}), path=path,
+        image_size=image_size, normalize=normalize, layer_norm_eps=layer_norm_eps, feature=feature))
+
+
+def clibd_config(c, arg):
+    """The CLIBD experiment whose towers ``weights='clibd'`` models use, on the same data and seed
+    as the clustering (its data fields refer to ``c.data``, so overrides of those carry over)."""
+    clibd = clibd_configs.get_config(arg)
+    for key in ("source", "builder_config", "data_dir", "manual_dir", "num_records", "max_nucleotides"):
+        clibd.data[key] = c.data.get_ref(key)
+    clibd.seed = c.get_ref("seed")
+    return clibd
+
+
+def get_config(arg=None):
+    arg = common.parse_arg(arg, variants=VARIANTS)
+    c = ml_collections.ConfigDict()
+    c.task = "zsc"
+    c.variant = arg.variant
+    c.seed = 0
+    c.workdir = f"workdirs/zsc_{arg.variant}"
+
+    c.data = dict(
+        source="tfds",                # 'tfds' (bioscan5m builder) or 'bold' (DNA-only models then)
+        builder_config="synthetic",   # 'synthetic' (embedded, with images) or an image package
+        data_dir="",
+        manual_dir="",
+        num_records=0,                # synthetic size (0 = the generator's default)
+        path="",                      # source='bold': BOLD TSV or FASTA
+        unseen_fraction=0.2,
+        test_fraction=0.2,
+        split="test+test_unseen",     # the clustered records (the paper: seen and unseen together)
+        max_nucleotides=660,
+        worker_count=0,
+    )
+    c.mesh = dict(data=-1, fsdp=1, tensor=1)
+    c.sharding_rules = DEFAULT_SHARDING_RULES
+
+    c.embed = dict(
+        batch_size=64,                # global batch of the jitted forward (multiple of data*fsdp)
+        recompute=False,              # True: re-embed even when workdir/embeddings/*.npz exist
+    )
+    c.cluster = dict(
+        reduction="umap",             # 'umap' (the paper), 'pca' or 'none'
+        n_components=50,
+        n_neighbors=30,
+        min_dist=0.0,
+        silhouette_samples=10_000,
+    )
+    c.plots = dict(
+        ami_by_rank=True,
+        umap_scatter="all",           # 'all', '' (none) or comma-separated encoder specs
+    )
+
+    # On-the-fly BarcodeBERT pretraining for weights='pretrain' (the barcodebert task's pretrain()).
+    bb = barcodebert_configs.get_config("tiny" if arg.variant == "tiny" else "paper")
+    c.barcodebert = dict(
+        model=bb.model,
+        pretrain=bb.pretrain,
+        pretrain_split=bb.data.pretrain_split,
+        dedup_pretrain=True,
+    )
+    c.clibd = clibd_config(c, "tiny" if arg.variant == "tiny" else "paper")
+    c.clibd_workdir = ""              # '' = <workdir>/models/clibd_<hash>
+
+    if arg.variant == "tiny":
+        c.barcodebert.pretrain.train.epochs = 0
+        c.barcodebert.pretrain.train.steps = 200
+        c.barcodebert.pretrain.train.progress_bar = False
+        c.barcodebert.pretrain.train.tensorboard = False
+        c.clibd.train.epochs = 2          # the CLIBD task's tiny run is 4 epochs; 2 keep the run in minutes
+        c.models = dict(
+            barcodebert_pretrained=model("dna", "pretrain"),
+            barcodebert_random=model("dna", "random", variant="tiny"),
+            # The same ViT as the CLIBD image tower, untrained.
+            vit_random=model("image", "random", variant=c.clibd.model.image.variant,
+                             overrides=c.clibd.model.image.overrides, image_size=c.clibd.data.image_size),
+            vit_clibd=model("image", "clibd"),
+        )
+        c.encoders = ("dna:barcodebert_pretrained,dna:barcodebert_random,image:vit_random,image:vit_clibd,"
+                      "image+dna:vit_clibd+barcodebert_pretrained")
+    else:
+        c.data.builder_config = "cropped_256"
+        c.data.worker_count = 8
+        c.embed.batch_size = 256
+        c.models = dict(
+            # BarcodeBERT 8-4-4 from a barcodebert:paper workdir (or weights='hf' + a converted file).
+            barcodebert=model("dna", "checkpoint", variant="paper", path="workdirs/barcodebert_paper"),
+            # An ImageNet ViT-B/16 (e.g. DINO, timm layout), ImageNet normalisation.
+            vit_b16=model("image", "timm", variant="B/16", image_size=224, normalize="imagenet"),
+            vit_clibd=model("image", "clibd"),
+            dna_clibd=model("dna", "clibd"),
+        )
+        c.clibd_workdir = "workdirs/clibd_paper"
+        c.encoders = "dna:barcodebert,image:vit_b16,image+dna:vit_b16+barcodebert"
+    return c

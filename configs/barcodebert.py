@@ -64,7 +64,10 @@ def get_config(arg=None):
     c.pretrain = _stage(batch_size=64, epochs=12, lr=1e-4 * 4, log_every=20)
     c.pretrain.mask_prob = 0.5
     c.pretrain.masked_only = False     # reference: loss over all non-special positions
-    c.finetune = _stage(batch_size=32, epochs=6, lr=1e-4 * 4, log_every=20)
+    # Tiny fine-tuning needs a higher rate and more epochs than the paper's recipe: with 6 epochs
+    # at 4e-4 per 64 samples the head stayed at the class prior (2.4% test); 20 epochs at 4e-3
+    # reached 85.4% (see the README).
+    c.finetune = _stage(batch_size=32, epochs=20, lr=4e-3, log_every=20)
     c.probe = dict(
         eval_batch_size=128,
         linear_epochs=100, linear_lr=1e-2, linear_batch_size=256, linear_rank="species",

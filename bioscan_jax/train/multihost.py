@@ -31,6 +31,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from bioscan_jax.eval.embed import pad_batch
 from bioscan_jax.train import mesh as mesh_lib
 
 EmbedFn = Callable[[nnx.Module, Mapping[str, jax.Array]], jax.Array]
@@ -139,18 +140,6 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 # ----------------------------------------------------------------------------- embedding
 
 
-def _pad(batch: Mapping[str, np.ndarray], size: int) -> tuple[dict[str, np.ndarray], int]:
-    n = len(next(iter(batch.values())))
-    if n > size:
-        raise ValueError(f"a process-local batch has {n} rows, more than the {size} each process may feed "
-                         f"(batch_size / process_count)")
-    out = {}
-    for k, v in batch.items():
-        v = np.asarray(v)
-        out[k] = np.concatenate([v, np.repeat(v[:1], size - n, axis=0)]) if n < size else v
-    return out, n
-
-
 def embed_batches(
     model: nnx.Module,
     batches: Iterable[Mapping[str, np.ndarray]],
@@ -212,9 +201,9 @@ def embed_batches(
         if local is not None:
             arrays = {k: np.asarray(v) for k, v in local.items() if np.asarray(v).dtype.kind in "biuf"}
             template = arrays
-            padded, n = _pad(arrays, local_size)
+            padded, n = pad_batch(arrays, local_size)
         elif template is not None:
-            padded, n = _pad({k: v[:1] for k, v in template.items()}, local_size)
+            padded, n = pad_batch({k: v[:1] for k, v in template.items()}, local_size)
             n = 0
         else:
             raise ValueError(f"process {jax.process_index()} has no records to embed while others do; "

@@ -64,10 +64,12 @@ def get_config(arg=None):
     c.pretrain = _stage(batch_size=64, epochs=12, lr=1e-4 * 4, log_every=20)
     c.pretrain.mask_prob = 0.5
     c.pretrain.masked_only = False     # reference: loss over all non-special positions
-    # Tiny fine-tuning needs a higher rate and more epochs than the paper's recipe: with 6 epochs
-    # at 4e-4 per 64 samples the head stayed at the class prior (2.4% test); 20 epochs at 4e-3
-    # reached 85.4% (see the README).
-    c.finetune = _stage(batch_size=32, epochs=20, lr=4e-3, log_every=20)
+    # Tiny fine-tuning starts the head from the species linear probe of the frozen encoder (LP-FT)
+    # and then trains everything for 5 epochs: 100% on synthetic test in 195 steps. With the
+    # reference's random head it took 20 epochs at 4e-3 per 64 samples to reach 85.4% (6 epochs at
+    # 4e-4 stayed at the class prior, 2.4%); see the README.
+    c.finetune = _stage(batch_size=32, epochs=5, lr=1e-3, log_every=20)
+    c.finetune.head_init = "linear_probe"  # 'random' (the reference) or 'linear_probe' (LP-FT)
     c.probe = dict(
         eval_batch_size=128,
         linear_epochs=100, linear_lr=1e-2, linear_batch_size=256, linear_rank="species",
@@ -83,6 +85,7 @@ def get_config(arg=None):
         c.pretrain.mask_prob = 0.5
         c.pretrain.masked_only = False
         c.finetune = _stage(batch_size=256, epochs=10, lr=1e-4, log_every=100, checkpoint_every=2000)
+        c.finetune.head_init = "random"
         c.probe.eval_batch_size = 1024
         c.probe.linear_epochs = 20
         c.probe.kmer_baseline_k = 6
@@ -93,5 +96,6 @@ def get_config(arg=None):
         c.pretrain.mask_prob = 0.5
         c.pretrain.masked_only = False
         c.finetune = _stage(batch_size=256, epochs=10, lr=1e-4, log_every=100, checkpoint_every=2000)
+        c.finetune.head_init = "random"
         c.probe.kmer_baseline_k = 6
     return c

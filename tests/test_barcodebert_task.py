@@ -53,6 +53,25 @@ def test_main_job_writes_summary_with_the_paper_metrics(run_result):
     assert "Fine-tuned species accuracy" in table and "k-mer counts" in table
 
 
+def test_tiny_finetuning_starts_from_the_linear_probe(run_result):
+    _, summary = run_result
+    assert summary["finetune"]["head_init"] == "linear_probe"
+    assert "head" not in summary["probes"]["linear"]  # the fitted head is not part of the summary
+
+
+def test_linear_probe_head_without_the_probes_stage(tmp_path):
+    config = small_config(tmp_path, stages="pretrain,finetune")
+    summary = tasks.run(config, str(tmp_path / "work"))
+    assert "probes" not in summary
+    assert summary["finetune"]["head_init"] == "linear_probe" and summary["finetune"]["steps"] == 4
+
+
+def test_linear_probe_head_needs_a_pretrained_encoder(tmp_path):
+    config = small_config(tmp_path, stages="finetune")
+    with pytest.raises(ValueError, match="needs the pretrain stage"):
+        tasks.run(config, str(tmp_path / "work"))
+
+
 def test_rerun_resumes_from_checkpoints_without_training_again(run_result, tmp_path):
     workdir, summary = run_result
     before = sum(1 for _ in open(os.path.join(workdir, "pretrain", "metrics.jsonl")))
@@ -70,6 +89,7 @@ def test_rerun_resumes_from_checkpoints_without_training_again(run_result, tmp_p
         ({"stages": "pretrain,distill"}, "unknown config.stages"),
         ({"mesh.data": 3}, "mesh"),
         ({"probe.eval_batch_size": 0}, "batch"),
+        ({"finetune.head_init": "magic"}, "head_init"),
     ],
 )
 def test_config_errors_fail_before_any_data_is_built(tmp_path, overrides, message):

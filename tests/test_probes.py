@@ -32,3 +32,14 @@ def test_linear_probe_separates_separable_classes_and_not_noise():
     noise = probes.linear_probe(rng.normal(size=(400, 16)), y[:400], rng.normal(size=(200, 16)), y[400:],
                                 num_classes=5, epochs=20, lr=0.05)
     assert noise["accuracy"] < 0.45
+
+
+def test_fit_linear_folds_the_standardisation_into_a_head_on_raw_features():
+    # Pooled transformer features look like this: a large shared offset, tiny per-class differences.
+    rng = np.random.default_rng(1)
+    centers = rng.normal(size=(4, 8))
+    y = rng.integers(0, 4, size=400)
+    raw = 50.0 + 0.01 * (centers[y] + 0.1 * rng.normal(size=(400, 8)))
+    head = probes.fit_linear(raw, y, num_classes=4, epochs=30, lr=0.05)
+    assert head.kernel.shape == (8, 4) and head.bias.shape == (4,)
+    assert (head.predict(raw) == y).mean() > 0.97

@@ -151,6 +151,9 @@ def _open_bold(data: Any, splits: Sequence[str], seed: int) -> Splits:
         picked = sorted(i for name in names for i in by_split.get(name, []))
         if not picked:
             present = sorted(by_split)
-            raise ValueError(f"split {split!r} of the BOLD import {data.path} is empty (present: {present})")
+            hint = (" (every record has a species, so nothing is left for 'pretrain': pretrain on the seen "
+                    "species' training records with --config.data.pretrain_split=pretrain+train)"
+                    if "pretrain" in names and "train" not in names else "")
+            raise ValueError(f"split {split!r} of the BOLD import {data.path} is empty (present: {present}){hint}")
         sources[split] = [records[i] for i in picked]
     return Splits(sources, maps, f"BOLD import {data.path}")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import numpy as np
 import jax
 import jax.numpy as jnp
@@ -45,11 +48,20 @@ def knn_probe(
     }
 
 
-def linear_probe(
-    train_x: np.ndarray,
-    train_y: np.ndarray,
-    test_x: np.ndarray,
-    test_y: np.ndarray,
+@dataclasses.dataclass(frozen=True)
+class LinearHead:
+    """A softmax-regression head on raw features: ``logits = x @ kernel + bias``."""
+
+    kernel: np.ndarray  # [D, C]
+    bias: np.ndarray  # [C]
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return np.argmax(np.asarray(x, np.float32) @ self.kernel + self.bias, axis=-1)
+
+
+def fit_linear(
+    x: np.ndarray,
+    y: np.ndarray,
     *,
     num_classes: int,
     epochs: int = 100,
@@ -57,20 +69,13 @@ def linear_probe(
     batch_size: int = 256,
     weight_decay: float = 1e-4,
     seed: int = 0,
-) -> dict[str, float]:
-    """Softmax regression on standardised frozen features (AdamW, cosine decay), test accuracy.
-
-    Unlabelled or non-finite rows are left out and counted.
-    """
-    train_x, test_x = np.asarray(train_x, np.float32), np.asarray(test_x, np.float32)
-    train_y, test_y = np.asarray(train_y), np.asarray(test_y)
-    tr, te = _finite_labelled(train_x, train_y), _finite_labelled(test_x, test_y)
-    if not tr.any() or not te.any():
-        raise ValueError("linear_probe: the train or test set has no labelled, finite row")
-    x, y = train_x[tr], train_y[tr].astype(np.int32)
+) -> LinearHead:
+    """Softmax regression on standardised features (AdamW, cosine decay), full-batch epochs as one
+    jitted scan each. Rows must be labelled and finite. The standardisation is folded into the
+    returned head, so it applies to raw features (and can initialise a fine-tuning head)."""
+    x, y = np.asarray(x, np.float32), np.asarray(y).astype(np.int32)
     mean, std = x.mean(0), x.std(0) + 1e-6
     x = (x - mean) / std
-    xt = (test_x[te] - mean) / std
     n, d = x.shape
     batch_size = min(batch_size, n)
     steps_per_epoch = n // batch_size
@@ -100,13 +105,42 @@ def linear_probe(
     carry = (params, opt_state)
     for _ in range(epochs):
         carry = epoch(carry, jnp.asarray(rng.permutation(n)))
-    params = carry[0]
-    train_pred = np.asarray(jnp.argmax(x_dev @ params["w"] + params["b"], -1))
-    test_pred = np.asarray(jnp.argmax(jnp.asarray(xt) @ params["w"] + params["b"], -1))
-    return {
-        "accuracy": float((test_pred == test_y[te]).mean()),
-        "train_accuracy": float((train_pred == y).mean()),
+    w, b = (np.asarray(carry[0][k], np.float64) for k in ("w", "b"))
+    kernel = w / std[:, None]
+    return LinearHead(kernel=kernel.astype(np.float32), bias=(b - mean @ kernel).astype(np.float32))
+
+
+def linear_probe(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    *,
+    num_classes: int,
+    epochs: int = 100,
+    lr: float = 1e-2,
+    batch_size: int = 256,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+    return_head: bool = False,
+) -> dict[str, Any]:
+    """Test accuracy of :func:`fit_linear` on frozen features (``head``: the fitted
+    :class:`LinearHead`, when ``return_head``). Unlabelled or non-finite rows are left out and
+    counted."""
+    train_x, test_x = np.asarray(train_x, np.float32), np.asarray(test_x, np.float32)
+    train_y, test_y = np.asarray(train_y), np.asarray(test_y)
+    tr, te = _finite_labelled(train_x, train_y), _finite_labelled(test_x, test_y)
+    if not tr.any() or not te.any():
+        raise ValueError("linear_probe: the train or test set has no labelled, finite row")
+    head = fit_linear(train_x[tr], train_y[tr], num_classes=num_classes, epochs=epochs, lr=lr,
+                      batch_size=batch_size, weight_decay=weight_decay, seed=seed)
+    out: dict[str, Any] = {
+        "accuracy": float((head.predict(test_x[te]) == test_y[te]).mean()),
+        "train_accuracy": float((head.predict(train_x[tr]) == train_y[tr]).mean()),
         "n_train": int(tr.sum()),
         "n_test": int(te.sum()),
         "n_excluded": int((~tr).sum() + (~te).sum()),
     }
+    if return_head:
+        out["head"] = head
+    return out

@@ -37,6 +37,9 @@ from bioscan_jax.train.metrics import read_metrics
 logger = logging.getLogger(__name__)
 
 STAGES = ("pretrain", "finetune", "probes")
+#: ``finetune.head_init``: a random classifier head (the reference) or the species linear probe
+#: of the frozen pretrained encoder (LP-FT: Kumar et al., ICLR 2022).
+HEAD_INITS = ("random", "linear_probe")
 #: Record fields the DNA pipelines read (parsing only these keeps the input fast).
 DNA_FEATURES = ("processid", "dna_barcode", "genus", "species")
 
@@ -94,8 +97,11 @@ def pretrain(config, data: sources.Splits, model_cfg, tokenizer, workdir: str) -
         loss_fn=losses.mlm_loss, data_iter_factory=data_iter, steps_per_epoch=len(source) // batch)
 
 
-def finetune(config, data: sources.Splits, model_cfg, tokenizer, encoder: nnx.Module | None, workdir: str):
-    """Species fine-tuning on ``data.finetune_split``, starting from ``encoder`` (if given)."""
+def finetune(config, data: sources.Splits, model_cfg, tokenizer, encoder: nnx.Module | None, workdir: str,
+             head: probes.LinearHead | None = None):
+    """Species fine-tuning on ``data.finetune_split``, starting from ``encoder`` (if given) and
+    from ``head`` (a linear probe of the frozen encoder, for ``finetune.head_init='linear_probe'``)
+    or a random head."""
     source = data[config.data.finetune_split]
     num_classes = data.num_classes("species")
     stage = config.finetune
@@ -104,9 +110,14 @@ def finetune(config, data: sources.Splits, model_cfg, tokenizer, encoder: nnx.Mo
     def factory(rngs):
         return kmer_bert.KmerBertClassifier(model_cfg, num_classes, rngs=rngs)
 
-    warm_start = None
-    if encoder is not None:  # start the encoder from the pretrained one; the head stays random
-        warm_start = {"bert": nnx.state(encoder, nnx.Param).to_pure_dict()}
+    warm_start = {}
+    if encoder is not None:  # start the encoder from the pretrained one
+        warm_start["bert"] = nnx.state(encoder, nnx.Param).to_pure_dict()
+    if head is not None:
+        if head.kernel.shape != (model_cfg.hidden_size, num_classes):
+            raise ValueError(f"linear-probe head of shape {head.kernel.shape} does not fit the classifier "
+                             f"({model_cfg.hidden_size} features, {num_classes} species)")
+        warm_start["head"] = {"kernel": head.kernel, "bias": head.bias}
 
     def data_iter():
         return iter(pipeline.dna_pipeline(
@@ -116,7 +127,7 @@ def finetune(config, data: sources.Splits, model_cfg, tokenizer, encoder: nnx.Mo
     return loop.train(
         _stage_config(config, stage), os.path.join(workdir, "finetune"), model_factory=factory,
         loss_fn=losses.classification_loss, data_iter_factory=data_iter, steps_per_epoch=len(source) // batch,
-        warm_start=warm_start)
+        warm_start=warm_start or None)
 
 
 def _eval_batches(config, source, tokenizer):
@@ -176,7 +187,7 @@ def run_probes(config, data, model_cfg, tokenizer, encoder, mesh) -> dict[str, A
         emb[d.finetune_split]["embedding"], emb[d.finetune_split][lr],
         emb[d.test_split]["embedding"], emb[d.test_split][lr], num_classes=data.num_classes(lr),
         epochs=config.probe.linear_epochs, lr=config.probe.linear_lr,
-        batch_size=config.probe.linear_batch_size, seed=config.seed)
+        batch_size=config.probe.linear_batch_size, seed=config.seed, return_head=True)
     if config.probe.random_init_baseline:
         random_encoder = kmer_bert.KmerBert(model_cfg, rngs=nnx.Rngs(config.seed + 1000))
         rnd = {s: embed_split(config, random_encoder, data[s], tokenizer, mesh, pooled_embedding)
@@ -186,6 +197,16 @@ def run_probes(config, data, model_cfg, tokenizer, encoder, mesh) -> dict[str, A
             rnd[d.probe_query_split]["embedding"], rnd[d.probe_query_split][rank])
     out["kmer_baseline"] = kmer_baseline(config, data)
     return out
+
+
+def probe_head(config, data, tokenizer, encoder, mesh) -> probes.LinearHead:
+    """A species linear probe of the frozen ``encoder`` on ``data.finetune_split`` (for
+    ``finetune.head_init='linear_probe'`` when the probes stage did not run)."""
+    emb = embed_split(config, encoder, data[config.data.finetune_split], tokenizer, mesh, pooled_embedding)
+    ok = emb["species"] >= 0
+    return probes.fit_linear(emb["embedding"][ok], emb["species"][ok], num_classes=data.num_classes("species"),
+                             epochs=config.probe.linear_epochs, lr=config.probe.linear_lr,
+                             batch_size=config.probe.linear_batch_size, seed=config.seed)
 
 
 def finetune_accuracy(config, model, data, tokenizer, mesh) -> dict[str, Any]:
@@ -254,6 +275,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         if stage in stages:
             loop.validate_config(_stage_config(config, config[stage]), steps_per_epoch=1)
     mesh_lib.validate_batch(config.probe.eval_batch_size, mesh)
+    head_init = config.finetune.get("head_init", "random")
+    if head_init not in HEAD_INITS:
+        raise ValueError(f"unknown config.finetune.head_init {head_init!r}; valid: {', '.join(HEAD_INITS)}")
     os.makedirs(workdir, exist_ok=True)
     tokenizer = dna_lib.KmerTokenizer(model_cfg.k, max_nucleotides=config.data.max_nucleotides)
     d = config.data
@@ -264,6 +288,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     logger.info("data %s: %s", data.description, summary["split_sizes"])
 
     encoder = None
+    head = None
     if "pretrain" in stages:
         t0 = time.perf_counter()
         result = pretrain(config, data, model_cfg, tokenizer, workdir)
@@ -275,12 +300,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             encoder = kmer_bert.KmerBert(model_cfg, rngs=nnx.Rngs(config.seed))
         t0 = time.perf_counter()
         summary["probes"] = run_probes(config, data, model_cfg, tokenizer, encoder, mesh)
+        head = summary["probes"]["linear"].pop("head")
         summary["probes"]["seconds"] = time.perf_counter() - t0
     if "finetune" in stages:
         t0 = time.perf_counter()
-        result = finetune(config, data, model_cfg, tokenizer, encoder, workdir)
+        if head_init == "random":
+            head = None
+        elif head is None:
+            if encoder is None:
+                raise ValueError("finetune.head_init='linear_probe' needs the pretrain stage (or a pretrained encoder)")
+            head = probe_head(config, data, tokenizer, encoder, mesh)
+        result = finetune(config, data, model_cfg, tokenizer, encoder, workdir, head=head)
         summary["finetune"] = {**finetune_accuracy(config, result.model(), data, tokenizer, mesh),
-                               "steps": result.step, "seconds": time.perf_counter() - t0}
+                               "head_init": head_init, "steps": result.step, "seconds": time.perf_counter() - t0}
     summary["seconds"] = time.perf_counter() - t_start
     table = summary_table(summary)
     print(table, flush=True)

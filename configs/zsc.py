@@ -23,20 +23,25 @@ where its weights come from (``weights``):
 ========== ======== ==========================================================================
 weights    modality meaning
 ========== ======== ==========================================================================
-random     both     random init (``variant``; seed ``config.seed``)
+random     both     random init (``variant`` + ``overrides``; seed ``config.seed``)
 pretrain   dna      pretrained on the fly by the BarcodeBERT task (``barcodebert`` section);
                     the checkpoint is kept under the workdir and reused by later runs
-checkpoint dna      a BarcodeBERT workdir's pretraining checkpoint (``path``, model ``variant``)
-hf         both     an HF checkpoint converted on load (``path``: .safetensors/.bin/.npz;
-                    BERT/BarcodeBERT for dna, ``ViTModel`` for image)
+checkpoint dna      a BarcodeBERT workdir's pretraining checkpoint (``path``; the model's
+                    ``variant`` + ``overrides``)
+hf         both     an HF checkpoint converted on load (``path``: .safetensors, .bin or an HF
+                    directory; BERT/BarcodeBERT for dna, ``ViTModel`` for image)
 timm       image    a timm ViT state dict (``path``; LayerNorm eps 1e-6)
-clibd      both     the CLIBD tower of that modality (``clibd`` section; trained on the fly
-                    into ``clibd_workdir`` or the run's workdir unless a checkpoint is there)
+clibd      both     the CLIBD tower of that modality: loaded from ``clibd_workdir`` when set,
+                    else trained on the fly by the CLIBD task (``clibd`` section) under the
+                    run's workdir, where later runs find it
+kmer       dna      no model: k-mer frequency vectors (``k``, ``stride``), the alignment-free
+                    reference (stride 1 does not depend on where a read starts)
 ========== ======== ==========================================================================
 
 Image preprocessing is the ZSC protocol: Resize ``image_size`` → CenterCrop ``image_size``,
-then ``normalize``: ``none`` (our ViTs and CLIBD, trained without normalisation),
-``imagenet`` (imported ImageNet weights) or ``bioscan`` (the dataset's RGB mean/std). DNA:
+then ``normalize``: ``none`` (our ViTs, trained without normalisation), ``imagenet`` (imported
+ImageNet weights) or ``bioscan`` (the dataset's RGB mean/std); CLIBD towers get what CLIBD trained
+with (``clibd.data.normalize_images``: none by default). DNA:
 trailing N stripped, masked mean of the last hidden layer (``feature`` picks, for CLIBD towers,
 the aligned ``projection`` output or the ``encoder``'s pooled feature).
 """
@@ -52,18 +57,20 @@ VARIANTS = ("tiny", "paper")
 
 
 def model(modality, weights, *, variant="", overrides=None, path="", image_size=0, normalize="none",
-          layer_norm_eps=0.0, feature="projection"):
+          layer_norm_eps=0.0, feature="projection", k=4, stride=0):
     """One encoder definition (every field present so that any can be overridden by flags).
 
     ``variant`` + ``overrides``: KmerBert variant (dna, default ``'tiny'``) or ViT variant such as
     ``'B/16'`` (image), with config field overrides (e.g. ``num_layers``), for ``random``,
     ``checkpoint``, ``hf`` and ``timm`` weights; ``image_size``: ViT input size (0 = 224);
     ``layer_norm_eps``: 0 = the default of the weights (1e-6 for timm, 1e-12 otherwise);
-    ``feature``: CLIBD towers only, ``'projection'`` (aligned space) or ``'encoder'``.
+    ``feature``: CLIBD towers only, ``'projection'`` (aligned space) or ``'encoder'``;
+    ``k``, ``stride``: ``kmer`` only, k-mer length and step (0 = k: non-overlapping).
     """
     return ml_collections.ConfigDict(dict(
         modality=modality, weights=weights, variant=variant, overrides=dict(overrides or {}), path=path,
-        image_size=image_size, normalize=normalize, layer_norm_eps=layer_norm_eps, feature=feature))
+        image_size=image_size, normalize=normalize, layer_norm_eps=layer_norm_eps, feature=feature, k=k,
+        stride=stride))
 
 
 def clibd_config(c, arg):
@@ -130,6 +137,9 @@ def get_config(arg=None):
     if arg.variant == "tiny":
         c.barcodebert.pretrain.train.epochs = 0
         c.barcodebert.pretrain.train.steps = 200
+        # Masking 80% of the k-mers (BarcodeBERT: 50%) makes the short pretraining infer the lineage
+        # from few tokens; at 50% the 200-step encoder clusters species no better than random init.
+        c.barcodebert.pretrain.mask_prob = 0.8
         c.barcodebert.pretrain.train.progress_bar = False
         c.barcodebert.pretrain.train.tensorboard = False
         c.clibd.train.epochs = 2          # the CLIBD task's tiny run is 4 epochs; 2 keep the run in minutes
@@ -140,9 +150,13 @@ def get_config(arg=None):
             vit_random=model("image", "random", variant=c.clibd.model.image.variant,
                              overrides=c.clibd.model.image.overrides, image_size=c.clibd.data.image_size),
             vit_clibd=model("image", "clibd"),
+            # Alignment-free references: 4-mer frequencies over BarcodeBERT's own (non-overlapping)
+            # tokens and over all overlapping 4-mers.
+            kmer4=model("dna", "kmer", k=4),
+            kmer4_overlapping=model("dna", "kmer", k=4, stride=1),
         )
-        c.encoders = ("dna:barcodebert_pretrained,dna:barcodebert_random,image:vit_random,image:vit_clibd,"
-                      "image+dna:vit_clibd+barcodebert_pretrained")
+        c.encoders = ("dna:barcodebert_pretrained,dna:barcodebert_random,dna:kmer4,dna:kmer4_overlapping,"
+                      "image:vit_random,image:vit_clibd,image+dna:vit_clibd+barcodebert_pretrained")
     else:
         c.data.builder_config = "cropped_256"
         c.data.worker_count = 8

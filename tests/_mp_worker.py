@@ -237,14 +237,9 @@ def embed(run_dir: str, result, tokenizer):
     source = records(N_EMBED, seed=2)
     model = result.model()
     mesh = result.setup.mesh
-    if jax.process_count() > 1:
-        batches = pipeline.dna_pipeline(source, tokenizer=tokenizer, batch_size=4, train=False,
-                                        drop_remainder=False, shard="jax", num_epochs=1, keep=("index", "processid"))
-        out = multihost.embed_batches(model, batches, pooled, mesh=mesh, batch_size=8, keep=("index", "processid"))
-    else:
-        batches = pipeline.dna_pipeline(source, tokenizer=tokenizer, batch_size=8, train=False,
-                                        drop_remainder=False, shard=None, num_epochs=1, keep=("index", "processid"))
-        out = embed_lib.embed_batches(model, batches, pooled, mesh=mesh, batch_size=8, keep=("index", "processid"))
+    batches = pipeline.dna_pipeline(source, tokenizer=tokenizer, batch_size=8 // jax.process_count(), train=False,
+                                    drop_remainder=False, shard="jax", num_epochs=1, keep=("index", "processid"))
+    out = embed_lib.embed_batches(model, batches, pooled, mesh=mesh, batch_size=8, keep=("index", "processid"))
     tag = jax.process_index()
     np.savez(os.path.join(run_dir, f"embed_p{tag}.npz"), **out)
 

@@ -16,8 +16,8 @@ from bioscan_jax.tasks import zsc
 from configs import zsc as zsc_configs
 
 NUM_RECORDS = 600  # synthetic size: test + test_unseen = 39 records of 9 species
-ALL_SPECS = ("dna:barcodebert_pretrained,dna:barcodebert_random,image:vit_random,image:vit_clibd,"
-             "image+dna:vit_random+barcodebert_pretrained")
+ALL_SPECS = ("dna:barcodebert_pretrained,dna:barcodebert_random,dna:kmer4_overlapping,image:vit_random,"
+             "image:vit_clibd,image+dna:vit_random+barcodebert_pretrained")
 
 
 def tiny_config(encoders: str = ALL_SPECS):
@@ -107,6 +107,37 @@ def test_spec_order_and_bad_model_entries():
         zsc.check_model_config("x", zsc_configs.model("image", "timm"))
     with pytest.raises(ValueError, match="normalize"):
         zsc.check_model_config("x", zsc_configs.model("image", "random", normalize="zscore"))
+
+
+@pytest.mark.parametrize("stride", [0, 1])
+def test_kmer_profile_encoder_equals_numpy_counts(stride):
+    from bioscan_jax.data import dna as dna_lib
+    from bioscan_jax.train import mesh as mesh_lib
+
+    c = zsc_configs.get_config()
+    m = zsc_configs.model("dna", "kmer", k=3, stride=stride)
+    zsc.check_model_config("kmer", m)
+    encoder = zsc.build_encoder("kmer", _with_model(c, "kmer", m), "", {})
+    seqs = ["ACGTACGTTGCANNACGT", "TTTTGGGGCCCCAAAANN", "ACGNNNNNNNNNNNNNNNNNNNN"]
+    source = [{"processid": f"p{i}", "dna_barcode": s, **{r: 0 for r in zsc.RANKS}} for i, s in enumerate(seqs)]
+    out = zsc.embed_model(encoder, source, c, mesh_lib.make_mesh(c.mesh))
+    ids, _ = dna_lib.KmerTokenizer(3, stride=stride or 3, strip_trailing_n=True)(seqs)
+    counts = dna_lib.kmer_counts(ids, 3, dtype=np.float64)
+    expected = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    np.testing.assert_allclose(out["embedding"], expected, atol=1e-6)
+    assert out["embedding"].shape == (3, 64) and out["embedding"][1].sum() == pytest.approx(1.0)
+
+
+def _with_model(c, name, m):
+    c.models[name] = m
+    return c
+
+
+def test_kmer_encoder_rejects_bad_k():
+    with pytest.raises(ValueError, match="1 <= k <= 8"):
+        zsc.check_model_config("x", zsc_configs.model("dna", "kmer", k=9))
+    with pytest.raises(ValueError, match="stride"):
+        zsc.check_model_config("x", zsc_configs.model("dna", "kmer", k=4, stride=5))
 
 
 def test_data_errors():

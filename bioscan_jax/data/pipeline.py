@@ -58,6 +58,15 @@ __all__ = [
 
 ShardArg = grain.sharding.ShardOptions | str | None
 
+#: Position of a record in its source. Every record of a one-pass (``train=False``) pipeline
+#: carries it, and so do its batches: results gathered from several processes, each of which read
+#: its own shard, are put back in source order by it (:func:`bioscan_jax.eval.embed.embed_batches`).
+ROW = "row"
+
+
+def _with_row(index: int, record: Mapping[str, Any]) -> dict[str, Any]:
+    return {**record, ROW: index}
+
 
 # ----------------------------------------------------------------------------- transforms
 
@@ -74,7 +83,9 @@ def _labels(records: Sequence[Mapping[str, Any]], rank: str) -> np.ndarray:
 
 
 def _kept(records: Sequence[Mapping[str, Any]], keep: Sequence[str]) -> dict[str, np.ndarray]:
-    return {k: np.asarray([r[k] for r in records]) for k in keep}
+    """The ``keep`` fields of ``records`` as arrays, plus :data:`ROW` when the records carry it."""
+    names = dict.fromkeys((*keep, *((ROW,) if records and ROW in records[0] else ())))
+    return {k: np.asarray([r[k] for r in records]) for k in names}
 
 
 class DnaBatch(grain.transforms.RandomMap):
@@ -195,12 +206,15 @@ def records_pipeline(
     ``shard='jax'`` each JAX process reads ``1/process_count`` of the records (the
     same number on every process when training). ``features``: the fields the
     pipeline reads; a :class:`tfds_source.RecordSource` then parses only those.
+    Evaluation records (``train=False``) get their source position as :data:`ROW`.
     """
     if len(source) == 0:
         raise ValueError("empty source")
     if features is not None and hasattr(source, "select"):
         source = source.select([f for f in dict.fromkeys(features) if f in source.features])
     ds = grain.MapDataset.source(source).seed(seed)
+    if not train:
+        ds = ds.map_with_index(_with_row)  # before sharding: the index is the source position
     options = _shard_options(shard, drop_remainder=train)
     if options is not None and options.shard_count > 1:
         n = len(ds)

@@ -1,4 +1,5 @@
-"""Embedding a dataset with a model: one jitted forward over fixed-size, batch-sharded batches."""
+"""Embedding a dataset with a model: one jitted forward over fixed-size, batch-sharded batches,
+each process feeding its own shard, results gathered on every process in source order."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, PartitionSpec as P
 
+from bioscan_jax.data.pipeline import ROW
 from bioscan_jax.train import mesh as mesh_lib
+from bioscan_jax.train import multihost
 
 EmbedFn = Callable[[nnx.Module, Mapping[str, jax.Array]], jax.Array]
 
@@ -39,36 +43,85 @@ def embed_batches(
     mesh: Mesh,
     batch_size: int,
     keep: tuple[str, ...] = (),
+    order_by: tuple[str, ...] = (ROW,),
 ) -> dict[str, np.ndarray]:
-    """Runs ``embed_fn(model, batch)`` (jitted, model in eval mode) over ``batches``.
+    """``embed_fn(model, batch)`` (jitted, model in eval mode) over a split, in one or many processes.
 
-    Batches are padded to ``batch_size`` rows so one compiled program serves every batch; padded
-    rows are dropped again. Returns ``{'embedding': [N, D] float32}`` plus the arrays named in
-    ``keep`` (e.g. ``'label'``), concatenated over batches. Single-process.
+    Each process feeds only its own records (build the pipeline with ``shard='jax'`` and
+    ``drop_remainder=False``), at most ``batch_size // process_count`` rows per batch; the forward
+    runs on the global batch over ``mesh``. Batches are padded to a fixed size so one compiled
+    program serves them all, and padded rows are dropped again. Processes may run out at different
+    times: the ones that did feed padding until all are done. With one process nothing is gathered.
+
+    Args:
+      model: the same model on every process, in host memory or on devices; it is replicated
+        over ``mesh`` unless its arrays already span it.
+      embed_fn: ``(model, batch) -> [B, ...]``.
+      batch_size: the global batch, a multiple of the mesh's batch shards and of the process count.
+      keep: batch columns to return alongside the embeddings (numbers or strings).
+      order_by: columns that give the source order (e.g. ``('split_id', ROW)``); when the batches
+        carry them (evaluation pipelines carry :data:`ROW`), rows are returned in that order, so
+        the result does not depend on the number of processes.
+
+    Returns:
+      ``{'embedding': [N, ...] float32, **keep}`` over every record of every process, the same on
+      every process.
     """
-    if batch_size % mesh_lib.batch_axis_size(mesh):
-        raise ValueError(
-            f"embedding batch size {batch_size} must be divisible by the mesh's batch axes "
-            f"(data*fsdp = {mesh_lib.batch_axis_size(mesh)})")
+    processes = jax.process_count()
+    shards = mesh_lib.batch_axis_size(mesh)
+    if batch_size % shards or batch_size % processes:
+        raise ValueError(f"embedding batch size {batch_size} must be divisible by the mesh's batch axes "
+                         f"(data*fsdp = {shards}) and by the {processes} processes")
+    local_size = batch_size // processes
     model.eval()
     graphdef, state = nnx.split(model)
+    state = multihost.replicate(state, mesh)
 
-    @jax.jit
     def forward(state, batch):
-        m = nnx.merge(graphdef, state)
-        return embed_fn(m, batch).astype(jnp.float32)
+        return embed_fn(nnx.merge(graphdef, state), batch).astype(jnp.float32)
 
+    forward = jax.jit(forward, out_shardings=mesh_lib.batch_sharding(mesh))
+    columns = tuple(dict.fromkeys((*keep, *order_by)))
     chunks: list[np.ndarray] = []
-    kept: dict[str, list[np.ndarray]] = {k: [] for k in keep}
-    for local in batches:
-        arrays = {k: v for k, v in local.items() if np.asarray(v).dtype.kind in "biuf"}
-        padded, n = pad_batch(arrays, batch_size)
+    kept: dict[str, list[np.ndarray]] = {k: [] for k in columns}
+    template: dict[str, np.ndarray] | None = None
+    iterator = iter(batches)
+    while True:
+        local = next(iterator, None)
+        if processes > 1:
+            # [has a batch now, has seen a batch] per process: stop together, fail together.
+            flags = multihost.gather_same_shape(
+                np.asarray([local is not None, local is not None or template is not None], np.int32))
+            if not flags[:, 0].any():
+                break
+            if not flags[:, 1].all():
+                raise ValueError(f"processes {np.flatnonzero(flags[:, 1] == 0).tolist()} have no records to embed "
+                                 f"while others do: the split is smaller than the number of processes")
+        elif local is None:
+            break
+        if local is not None:
+            arrays = {k: np.asarray(v) for k, v in local.items() if np.asarray(v).dtype.kind in "biuf"}
+            template = arrays
+            padded, n = pad_batch(arrays, local_size)
+        else:  # this process is done, others are not: feed one padded batch of nothing
+            padded, n = pad_batch({k: v[:1] for k, v in template.items()}, local_size)
+            n = 0
         out = forward(state, mesh_lib.to_global_batch(padded, mesh))
-        chunks.append(np.asarray(jax.device_get(out))[:n])
-        for k in keep:
-            kept[k].append(np.asarray(local[k])[:n])
+        mine = multihost_utils.global_array_to_host_local_array(out, mesh, P(mesh_lib.BATCH_AXES))
+        chunks.append(np.asarray(mine)[:n])
+        if local is not None:
+            for k in columns:
+                if k in local:
+                    kept[k].append(np.asarray(local[k])[:n])
+                elif k in keep:
+                    raise KeyError(f"embed_batches: keep={k!r} is not a column of the batches ({sorted(local)})")
     if not chunks:
         raise ValueError("no batches to embed (empty split?)")
-    result = {"embedding": np.concatenate(chunks)}
-    result.update({k: np.concatenate(v) for k, v in kept.items()})
-    return result
+    result = {"embedding": multihost.allgather_rows(np.concatenate(chunks))}
+    for k in columns:
+        if kept[k] or k in keep:
+            result[k] = multihost.allgather_rows(np.concatenate(kept[k]) if kept[k] else np.zeros((0,), np.int32))
+    if all(k in result for k in order_by) and order_by:
+        order = np.lexsort([result[k] for k in reversed(order_by)])
+        result = {k: v[order] for k, v in result.items()}
+    return {k: v for k, v in result.items() if k == "embedding" or k in keep}

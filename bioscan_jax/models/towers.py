@@ -105,7 +105,7 @@ class ImageTower(nnx.Module):
         self.projection = _projection(config.hidden_size, embed_dim, config.param_dtype, rngs)
 
     def __call__(self, images: Array, *, deterministic: bool | None = None) -> tuple[Array, dict[str, Any]]:
-        pooled, aux = self.encoder(images, deterministic=deterministic)
+        pooled, _ = self.encoder(images, deterministic=deterministic)
         return l2_normalize(self.projection(pooled)), {"pooled": pooled}
 
 
@@ -181,6 +181,10 @@ def encoder_of(model: ClibdModel, modality: str) -> nnx.Module:
     return tower.encoder
 
 
+def _plain_path(path) -> tuple[Any, ...]:
+    return tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
+
+
 def load_encoder_state(model: ClibdModel, modality: str, state: nnx.State | Mapping[str, Any]) -> None:
     """Copies pretrained encoder parameters (an ``nnx.State`` or pure dict of the encoder's
     ``nnx.Param``s, e.g. ``nnx.state(mlm_model.bert, nnx.Param)``) into a tower, in place.
@@ -191,9 +195,8 @@ def load_encoder_state(model: ClibdModel, modality: str, state: nnx.State | Mapp
     target = nnx.state(encoder, nnx.Param)
     pure = state.to_pure_dict() if isinstance(state, nnx.State) else dict(state)
     pure = nnx.restore_int_paths(pure)  # checkpoints restore layer indices as strings
-    want = {p: tuple(jnp.shape(v)) for p, v in nnx.to_flat_state(target)}
-    have = {tuple(p): tuple(jnp.shape(v)) for p, v in jax.tree_util.tree_flatten_with_path(pure)[0]
-            for p in [tuple(getattr(k, "key", getattr(k, "idx", k)) for k in p)]}
+    want = {path: tuple(jnp.shape(v)) for path, v in nnx.to_flat_state(target)}
+    have = {_plain_path(path): tuple(jnp.shape(v)) for path, v in jax.tree_util.tree_flatten_with_path(pure)[0]}
     if want != have:
         diff = sorted(".".join(map(str, p)) for p in set(want) ^ set(have)
                       | {p for p in set(want) & set(have) if want[p] != have[p]})

@@ -132,8 +132,8 @@ def finetune(config, data: sources.Splits, model_cfg, tokenizer, encoder: nnx.Mo
 
 def _eval_batches(config, source, tokenizer):
     return pipeline.dna_pipeline(
-        source, tokenizer=tokenizer, batch_size=config.probe.eval_batch_size, train=False,
-        drop_remainder=False, shard=None, num_epochs=1, keep=("genus", "species"))
+        source, tokenizer=tokenizer, batch_size=_local_batch(config.probe.eval_batch_size), train=False,
+        drop_remainder=False, shard="jax", num_epochs=1, keep=("genus", "species"))
 
 
 def embed_split(config, model: nnx.Module, source, tokenizer, mesh, fn) -> dict[str, np.ndarray]:

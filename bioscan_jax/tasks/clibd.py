@@ -479,7 +479,8 @@ class EvalBatch(grain.transforms.Map):
 
     def map(self, element):
         n = len(element)
-        out: dict[str, np.ndarray] = {"split_id": np.full((n,), self.split_id, np.int32)}
+        out: dict[str, np.ndarray] = {"split_id": np.full((n,), self.split_id, np.int32),
+                                      pipeline.ROW: np.asarray([r[pipeline.ROW] for r in element], np.int64)}
         if self.with_image:
             out[fields.IMAGE] = np.stack([r[fields.IMAGE] for r in element])
             out["image_ok"] = np.asarray([r["image_ok"] for r in element], bool)
@@ -500,13 +501,14 @@ def eval_batches(config, setup: ClibdSetup, source, split_id: int, ranks: Sequen
     passthrough = tuple(dict.fromkeys(["processid", "dna_barcode", *ranks,
                                        *(fields.name_feature(r) for r in schema.EVAL_RANKS)]))
     needed = ([fields.IMAGE] if with_image else []) + list(passthrough)
-    ds = pipeline.records_pipeline(source, train=False, seed=config.seed, shard=None, num_epochs=1, features=needed)
+    ds = pipeline.records_pipeline(source, train=False, seed=config.seed, shard="jax", num_epochs=1, features=needed)
+    passthrough += (pipeline.ROW,)
     if with_image:
         ds = ds.random_map(EvalImageRecord(train=False, crop=int(d.image_size), resize=int(d.resize),
                                            normalize=bool(d.normalize_images), passthrough=passthrough))
     else:
         ds = ds.map(lambda r: {**r, "image_ok": False})
-    ds = ds.batch(int(config.eval.batch_size), drop_remainder=False, batch_fn=list)
+    ds = ds.batch(int(config.eval.batch_size) // jax.process_count(), drop_remainder=False, batch_fn=list)
     ds = ds.map(EvalBatch(setup.tokenizer, setup.vocab, ranks, split_id, with_image))
     options = grain.ReadOptions()
     if d.get("read_threads"):
@@ -573,7 +575,8 @@ def embed_splits(config, model: towers.ClibdModel, setup: ClibdSetup, cache: Emb
 
     keep = ("split_id", "image_ok", "dna_ok", *(f"label_{r}" for r in cache.ranks))
     out = embed_lib.embed_batches(model, cache.batches(), embed_fn, mesh=setup.mesh,
-                                  batch_size=int(config.eval.batch_size), keep=keep)
+                                  batch_size=int(config.eval.batch_size), keep=keep,
+                                  order_by=("split_id", pipeline.ROW))
     embeddings, labels, excluded = {}, {}, {}
     for i, split in enumerate(cache.splits):
         rows = out["split_id"] == i

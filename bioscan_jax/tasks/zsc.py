@@ -63,7 +63,7 @@ KEEP: tuple[str, ...] = ("processid", *RANKS)
 SPEC_MODALITIES: dict[str, tuple[str, ...]] = {"image": ("image",), "dna": ("dna",), "image+dna": ("image", "dna")}
 #: Where each modality's weights may come from.
 WEIGHTS: dict[str, tuple[str, ...]] = {
-    "dna": ("random", "pretrain", "checkpoint", "hf", "clibd"),
+    "dna": ("random", "pretrain", "checkpoint", "hf", "clibd", "kmer"),
     "image": ("random", "hf", "timm", "clibd"),
 }
 #: ImageNet RGB mean / std (for imported ImageNet weights).
@@ -128,6 +128,9 @@ def check_model_config(name: str, m: Any) -> None:
         raise ValueError(f"config.models.{name}.normalize={m.normalize!r}; valid: {list(NORMALIZATIONS)}")
     if m.weights in ("checkpoint", "hf", "timm") and not m.path:
         raise ValueError(f"config.models.{name}.weights={m.weights!r} needs config.models.{name}.path")
+    if m.weights == "kmer" and not (1 <= int(m.k) <= 8 and 0 <= int(m.stride) <= int(m.k)):
+        raise ValueError(f"config.models.{name}: k-mer counts need 1 <= k <= 8 and 0 <= stride <= k "
+                         f"(0 = k), got k={m.k}, stride={m.stride}")
     if m.weights == "clibd" and m.feature not in ("projection", "encoder"):
         raise ValueError(f"config.models.{name}.feature={m.feature!r}; valid: 'projection', 'encoder'")
 
@@ -154,13 +157,13 @@ def _to_dict(c: Any) -> Any:
     return c.to_dict() if hasattr(c, "to_dict") else c
 
 
-def dna_batches(k: int, max_nucleotides: int) -> Callable:
+def dna_batches(k: int, max_nucleotides: int, stride: int | None = None) -> Callable:
     """Eval DNA batches for the ZSC protocol: k-mer tokens with trailing N stripped."""
-    tokenizer = dna_lib.KmerTokenizer(k, max_nucleotides=max_nucleotides, strip_trailing_n=True)
+    tokenizer = dna_lib.KmerTokenizer(k, stride=stride, max_nucleotides=max_nucleotides, strip_trailing_n=True)
 
     def make(source, batch_size):
-        return pipeline.dna_pipeline(source, tokenizer=tokenizer, batch_size=batch_size, train=False,
-                                     drop_remainder=False, shard=None, num_epochs=1, keep=KEEP)
+        return pipeline.dna_pipeline(source, tokenizer=tokenizer, batch_size=batch_size // jax.process_count(),
+                                     train=False, drop_remainder=False, shard="jax", num_epochs=1, keep=KEEP)
 
     return make
 
@@ -170,9 +173,9 @@ def image_batches(image_size: int) -> Callable:
     values in [0, 1] (normalisation happens on the device, per encoder)."""
 
     def make(source, batch_size):
-        return pipeline.image_pipeline(source, batch_size=batch_size, train=False, image_size=image_size,
-                                       resize=image_size, normalize=False, drop_remainder=False, shard=None,
-                                       num_epochs=1, keep=KEEP)
+        return pipeline.image_pipeline(source, batch_size=batch_size // jax.process_count(), train=False,
+                                       image_size=image_size, resize=image_size, normalize=False,
+                                       drop_remainder=False, shard="jax", num_epochs=1, keep=KEEP)
 
     return make
 
@@ -296,6 +299,29 @@ def dna_encoder(name: str, m: Any, config, workdir: str) -> Encoder:
     return Encoder(model, dna_embed_fn, dna_batches(model.config.k, config.data.max_nucleotides))
 
 
+class KmerProfile(nnx.Module):
+    """The alignment-free reference as an encoder: the k-mer frequency vector of a read's valid
+    tokens (no parameters). With stride-1 tokens it does not depend on where the read starts."""
+
+    def __init__(self, k: int):
+        self.k = k
+
+    def __call__(self, ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        vocab = 4**self.k
+        kmer = ids - dna_lib.NUM_SPECIAL
+        valid = (kmer >= 0) & (kmer < vocab) & (attention_mask > 0)
+        counts = jax.vmap(lambda i, v: jnp.zeros(vocab, jnp.float32).at[i].add(v))(
+            jnp.where(valid, kmer, 0), valid.astype(jnp.float32))
+        return counts / jnp.maximum(counts.sum(-1, keepdims=True), 1.0)
+
+
+def kmer_encoder(m: Any, config) -> Encoder:
+    """k-mer frequencies (``m.k``; ``m.stride`` 0 = k, non-overlapping like BarcodeBERT's tokens)."""
+    k = int(m.k)
+    return Encoder(KmerProfile(k), lambda model, batch: model(batch["ids"], batch["attention_mask"]),
+                   dna_batches(k, config.data.max_nucleotides, stride=int(m.stride) or k))
+
+
 def clibd_workdir(config, workdir: str) -> str:
     """Where the CLIBD towers live: ``config.clibd_workdir`` or one per CLIBD config in the workdir."""
     return config.clibd_workdir or os.path.join(
@@ -348,6 +374,8 @@ def build_encoder(name: str, config, workdir: str, cache: dict) -> Encoder:
     m = config.models[name]
     if m.weights == "clibd":
         return clibd_encoder(name, m, config, workdir, cache)
+    if m.weights == "kmer":
+        return kmer_encoder(m, config)
     if m.modality == "dna":
         return dna_encoder(name, m, config, workdir)
     return image_encoder(name, m, config.seed)

@@ -9,10 +9,9 @@ process runs the same program on its own shard of the data. Three things then ne
   inconsistent model;
 * **results of the whole dataset, not of one host's shard** — :func:`allgather_rows`
   concatenates per-process arrays of different lengths (numbers or strings) in process order;
-* **embedding a split** — :func:`embed_batches` is the multi-process form of
-  :func:`bioscan_jax.eval.embed.embed_batches`: each process feeds only *its* records (a
-  pipeline built with ``shard='jax'``), the forward pass runs on the global batch, and the
-  embeddings (plus ``keep`` columns) of all processes are gathered on every process.
+* **embedding a split** — :func:`bioscan_jax.eval.embed.embed_batches` uses these helpers: each
+  process feeds only *its* records (a pipeline built with ``shard='jax'``), the forward pass runs
+  on the global batch, and the embeddings of all processes are gathered on every process.
 
 With one process every function reduces to its single-process meaning (no collectives).
 """
@@ -21,20 +20,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-
-from bioscan_jax.eval.embed import pad_batch
-from bioscan_jax.train import mesh as mesh_lib
-
-EmbedFn = Callable[[nnx.Module, Mapping[str, jax.Array]], jax.Array]
 
 
 class ConfigMismatchError(RuntimeError):
@@ -86,7 +77,7 @@ def assert_same_config(config: Any, *, what: str = "config") -> str:
 # ----------------------------------------------------------------------------- gathering
 
 
-def _gather_same_shape(x: np.ndarray) -> np.ndarray:
+def gather_same_shape(x: np.ndarray) -> np.ndarray:
     """``[processes, *x.shape]``: ``x`` of every process (all of one shape and dtype)."""
     return np.asarray(multihost_utils.process_allgather(x))
 
@@ -104,7 +95,7 @@ def allgather_rows(x: Any) -> np.ndarray:
         raise ValueError("allgather_rows needs arrays with a leading (row) dimension")
     kind = x.dtype.kind
     if kind in "US":  # strings: gather as fixed-width code points
-        width = int(_gather_same_shape(np.asarray([x.dtype.itemsize // (4 if kind == "U" else 1)], np.int64)).max())
+        width = int(gather_same_shape(np.asarray([x.dtype.itemsize // (4 if kind == "U" else 1)], np.int64)).max())
         width = max(width, 1)
         target = np.dtype(f"{kind}{width}")
         codes = x.astype(target).view(np.uint32 if kind == "U" else np.uint8).reshape(x.shape + (width,))
@@ -112,11 +103,11 @@ def allgather_rows(x: Any) -> np.ndarray:
         return gathered.astype(np.uint32 if kind == "U" else np.uint8).view(target).reshape(gathered.shape[:-1])
     if kind == "b":
         return allgather_rows(x.astype(np.uint8)).astype(bool)
-    counts = _gather_same_shape(np.asarray([x.shape[0]], np.int64))[:, 0]
+    counts = gather_same_shape(np.asarray([x.shape[0]], np.int64))[:, 0]
     longest = int(counts.max())
     padded = np.zeros((longest,) + x.shape[1:], x.dtype)
     padded[: x.shape[0]] = x
-    every = _gather_same_shape(padded)
+    every = gather_same_shape(padded)
     return np.concatenate([every[p, : int(n)] for p, n in enumerate(counts)], axis=0)
 
 
@@ -131,92 +122,9 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     def put(x):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             return x
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # RNG state
+            return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
         x = np.asarray(jax.device_get(x))
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
     return jax.tree.map(put, tree)
-
-
-# ----------------------------------------------------------------------------- embedding
-
-
-def embed_batches(
-    model: nnx.Module,
-    batches: Iterable[Mapping[str, np.ndarray]],
-    embed_fn: EmbedFn,
-    *,
-    mesh: Mesh,
-    batch_size: int,
-    keep: tuple[str, ...] = (),
-) -> dict[str, np.ndarray]:
-    """``embed_fn(model, batch)`` over every process's share of a split, gathered everywhere.
-
-    Args:
-      model: the (same) model on every process, in host or single-device memory; it is
-        replicated over ``mesh``.
-      batches: this process's batches (build the pipeline with ``shard='jax'`` and
-        ``drop_remainder=False``), at most ``batch_size // process_count`` rows each. Processes
-        may run out at different times: the ones that did feed padding until all are done.
-      embed_fn: ``(model, batch) -> [B, ...]`` (jitted here, model in eval mode).
-      batch_size: the global batch (rows per step over all processes); a multiple of the mesh's
-        batch shards and of the process count.
-      keep: batch columns to return alongside the embeddings (numbers or strings).
-
-    Returns:
-      ``{'embedding': [N, ...] float32, **keep}`` over all records of all processes, in process
-      order (process 0's records first), identical on every process.
-    """
-    processes = jax.process_count()
-    shards = mesh_lib.batch_axis_size(mesh)
-    if batch_size % shards or batch_size % processes:
-        raise ValueError(f"embedding batch size {batch_size} must be divisible by the mesh's batch shards "
-                         f"(data*fsdp = {shards}) and by the {processes} processes")
-    local_size = batch_size // processes
-    model.eval()
-    graphdef, state = nnx.split(model)
-    state = replicate(state, mesh)
-    out_sharding = mesh_lib.batch_sharding(mesh)
-
-    def forward(state, batch):
-        return embed_fn(nnx.merge(graphdef, state), batch).astype(jnp.float32)
-
-    forward = jax.jit(forward, out_shardings=out_sharding)
-    chunks: list[np.ndarray] = []
-    kept: dict[str, list[np.ndarray]] = {k: [] for k in keep}
-    template: dict[str, np.ndarray] | None = None
-    iterator = iter(batches)
-    while True:
-        local = next(iterator, None)
-        if processes > 1:
-            # [has a batch now, has seen a batch] per process: stop together, fail together.
-            flags = _gather_same_shape(np.asarray([local is not None, local is not None or template is not None],
-                                                  np.int32))
-            if not flags[:, 0].any():
-                break
-            if not flags[:, 1].all():
-                raise ValueError(f"processes {np.flatnonzero(flags[:, 1] == 0).tolist()} have no records to embed "
-                                 f"while others do: the split is smaller than the number of processes")
-        elif local is None:
-            break
-        if local is not None:
-            arrays = {k: np.asarray(v) for k, v in local.items() if np.asarray(v).dtype.kind in "biuf"}
-            template = arrays
-            padded, n = pad_batch(arrays, local_size)
-        elif template is not None:
-            padded, n = pad_batch({k: v[:1] for k, v in template.items()}, local_size)
-            n = 0
-        else:
-            raise ValueError(f"process {jax.process_index()} has no records to embed while others do; "
-                             f"the split is smaller than the number of processes")
-        out = forward(state, mesh_lib.to_global_batch(padded, mesh))
-        mine = multihost_utils.global_array_to_host_local_array(out, mesh, P(mesh_lib.BATCH_AXES))
-        chunks.append(np.asarray(mine)[:n])
-        if local is not None:
-            for k in keep:
-                kept[k].append(np.asarray(local[k])[:n])
-    if not chunks:
-        raise ValueError("no batches to embed (empty split?)")
-    result = {"embedding": allgather_rows(np.concatenate(chunks))}
-    for k in keep:
-        result[k] = allgather_rows(np.concatenate(kept[k]) if kept[k] else np.zeros((0,), np.int32))
-    return result

@@ -47,7 +47,7 @@ def get_config(arg=None):
         path="",                       # source='bold': BOLD TSV or FASTA
         unseen_fraction=0.2,           # source='bold': share of species held out as unseen
         test_fraction=0.2,             # source='bold': share of each seen species' records for test
-        pretrain_split="pretrain+other_heldout",
+        pretrain_split="auto",         # 'auto': pretrain+other_heldout (tfds) or pretrain+train (bold)
         finetune_split="train",
         test_split="test",
         probe_key_split="train",

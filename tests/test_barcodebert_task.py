@@ -90,6 +90,7 @@ def test_rerun_resumes_from_checkpoints_without_training_again(run_result, tmp_p
         ({"mesh.data": 3}, "mesh"),
         ({"probe.eval_batch_size": 0}, "batch"),
         ({"finetune.head_init": "magic"}, "head_init"),
+        ({"probe.knn_rank": "kingdom"}, "knn_rank"),
     ],
 )
 def test_config_errors_fail_before_any_data_is_built(tmp_path, overrides, message):
@@ -102,3 +103,29 @@ def test_config_errors_fail_before_any_data_is_built(tmp_path, overrides, messag
 def test_unknown_variant_lists_the_valid_ones():
     with pytest.raises(ValueError, match="valid variants: tiny, paper, 4_12_12"):
         barcodebert_config.get_config("huge")
+
+
+def test_bold_export_runs_pretraining_finetuning_and_probes(tmp_path, real_barcodes_path):
+    """Item 5: a user's BOLD TSV (here 12 species of the real barcodes) through the whole task,
+    with the default ``pretrain_split='auto'`` (no unlabelled records: pretrain on train)."""
+    import pandas as pd
+
+    frame = pd.read_csv(real_barcodes_path, sep="\t", dtype=str)
+    keep = sorted(frame["species_name"].unique())[:12]
+    small = frame[frame["species_name"].isin(keep)].groupby("species_name").head(12)
+    path = tmp_path / "export.tsv"
+    small.to_csv(path, sep="\t", index=False)
+    config = small_config(tmp_path)
+    config.data.source, config.data.path = "bold", str(path)
+    config.data.unseen_fraction = 0.25
+    config.probe.knn_rank = "order"  # 12 species of (mostly) 12 genera: genus is rarely shared
+    summary = tasks.run(config, str(tmp_path / "work"))
+    assert summary["data"].startswith("BOLD import")
+    sizes = summary["split_sizes"]
+    assert sizes["pretrain+train"] == sizes["train"] > 0 and sizes["test_unseen"] >= 12
+    assert sizes["train"] + sizes["test"] + sizes["test_unseen"] == len(small)
+    probes = summary["probes"]
+    assert probes["knn"]["n_queries"] == sizes["test_unseen"] and probes["knn"]["rank"] == "order"
+    with open(os.path.join(tmp_path, "work", "summary.md")) as f:
+        assert "1-NN order accuracy" in f.read()
+    assert 0.0 <= probes["kmer_baseline"]["accuracy"] <= 1.0 and 0.0 <= summary["finetune"]["accuracy"] <= 1.0

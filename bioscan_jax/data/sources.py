@@ -93,6 +93,22 @@ def open_splits(data: Any, splits: Sequence[str], *, features: Sequence[str] | N
     raise ValueError(f"unknown config.data.source {data.source!r}; valid: 'tfds', 'bold'")
 
 
+#: What ``pretrain_split='auto'`` means for each source: BIOSCAN-5M's pretraining records
+#: (unlabelled + other held-out species), or for a BOLD export the records without a species plus
+#: the seen species' training records (never test or unseen-species records).
+AUTO_PRETRAIN_SPLITS = {"tfds": "pretrain+other_heldout", "bold": "pretrain+train"}
+
+
+def pretrain_split(data: Any, split: str | None = None) -> str:
+    """``split`` (default ``data.pretrain_split``) with ``'auto'`` resolved for ``data.source``."""
+    split = data.pretrain_split if split is None else split
+    if split != "auto":
+        return split
+    if data.source not in AUTO_PRETRAIN_SPLITS:
+        raise ValueError(f"unknown config.data.source {data.source!r}; valid: 'tfds', 'bold'")
+    return AUTO_PRETRAIN_SPLITS[data.source]
+
+
 def _open_tfds(data: Any, splits: Sequence[str], features, seed: int) -> Splits:
     from bioscan_jax.data import tfds_source  # TFDS only when this path is used
 
@@ -152,7 +168,7 @@ def _open_bold(data: Any, splits: Sequence[str], seed: int) -> Splits:
         if not picked:
             present = sorted(by_split)
             hint = (" (every record has a species, so nothing is left for 'pretrain': pretrain on the seen "
-                    "species' training records with --config.data.pretrain_split=pretrain+train)"
+                    "species' training records with pretrain_split='auto' or 'pretrain+train')"
                     if "pretrain" in names and "train" not in names else "")
             raise ValueError(f"split {split!r} of the BOLD import {data.path} is empty (present: {present}){hint}")
         sources[split] = [records[i] for i in picked]

@@ -117,23 +117,18 @@ def linear_probe(
     test_y: np.ndarray,
     *,
     num_classes: int,
-    epochs: int = 100,
-    lr: float = 1e-2,
-    batch_size: int = 256,
-    weight_decay: float = 1e-4,
-    seed: int = 0,
     return_head: bool = False,
+    **fit_options: Any,
 ) -> dict[str, Any]:
-    """Test accuracy of :func:`fit_linear` on frozen features (``head``: the fitted
-    :class:`LinearHead`, when ``return_head``). Unlabelled or non-finite rows are left out and
-    counted."""
+    """Test accuracy of :func:`fit_linear` (``fit_options``: its epochs, lr, batch_size,
+    weight_decay, seed) on frozen features; ``head``: the fitted :class:`LinearHead`, when
+    ``return_head``. Unlabelled or non-finite rows are left out and counted."""
     train_x, test_x = np.asarray(train_x, np.float32), np.asarray(test_x, np.float32)
     train_y, test_y = np.asarray(train_y), np.asarray(test_y)
     tr, te = _finite_labelled(train_x, train_y), _finite_labelled(test_x, test_y)
     if not tr.any() or not te.any():
         raise ValueError("linear_probe: the train or test set has no labelled, finite row")
-    head = fit_linear(train_x[tr], train_y[tr], num_classes=num_classes, epochs=epochs, lr=lr,
-                      batch_size=batch_size, weight_decay=weight_decay, seed=seed)
+    head = fit_linear(train_x[tr], train_y[tr], num_classes=num_classes, **fit_options)
     out: dict[str, Any] = {
         "accuracy": float((head.predict(test_x[te]) == test_y[te]).mean()),
         "train_accuracy": float((head.predict(train_x[tr]) == train_y[tr]).mean()),

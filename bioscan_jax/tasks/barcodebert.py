@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from bioscan_jax.data import dna as dna_lib
-from bioscan_jax.data import pipeline, sources
+from bioscan_jax.data import pipeline, schema, sources
 from bioscan_jax.eval import embed as embed_lib
 from bioscan_jax.eval import probes
 from bioscan_jax.models import kmer_bert
@@ -75,7 +75,7 @@ def _local_batch(batch_size: int) -> int:
 
 def pretrain(config, data: sources.Splits, model_cfg, tokenizer, workdir: str) -> loop.TrainResult:
     """MLM pretraining on ``data.pretrain_split`` (deduplicated by barcode when asked)."""
-    source = data[config.data.pretrain_split]
+    source = data[sources.pretrain_split(config.data)]
     if config.data.dedup_pretrain:
         keep = sources.unique_barcodes(source)
         logger.info("pretraining on %d unique barcodes of %d records", len(keep), len(source))
@@ -130,16 +130,21 @@ def finetune(config, data: sources.Splits, model_cfg, tokenizer, encoder: nnx.Mo
         warm_start=warm_start or None)
 
 
+def label_ranks(config) -> tuple[str, ...]:
+    """The label columns the probes and the fine-tuned accuracy read."""
+    return tuple(dict.fromkeys((config.probe.knn_rank, config.probe.linear_rank, "species")))
+
+
 def _eval_batches(config, source, tokenizer):
     return pipeline.dna_pipeline(
         source, tokenizer=tokenizer, batch_size=_local_batch(config.probe.eval_batch_size), train=False,
-        drop_remainder=False, shard="jax", num_epochs=1, keep=("genus", "species"))
+        drop_remainder=False, shard="jax", num_epochs=1, keep=label_ranks(config))
 
 
 def embed_split(config, model: nnx.Module, source, tokenizer, mesh, fn) -> dict[str, np.ndarray]:
-    """``fn(model, batch)`` over a whole split, with its genus and species labels."""
+    """``fn(model, batch)`` over a whole split, with its labels (:func:`label_ranks`)."""
     return embed_lib.embed_batches(model, _eval_batches(config, source, tokenizer), fn, mesh=mesh,
-                                   batch_size=config.probe.eval_batch_size, keep=("genus", "species"))
+                                   batch_size=config.probe.eval_batch_size, keep=label_ranks(config))
 
 
 def pooled_embedding(model, batch):
@@ -154,7 +159,8 @@ def predicted_class(model, batch):
 
 
 def kmer_baseline(config, data: sources.Splits) -> dict[str, Any]:
-    """1-NN genus accuracy of k-mer count vectors (cosine), keys and queries as the probe's."""
+    """1-NN accuracy (``probe.knn_rank``) of k-mer count vectors (cosine), keys and queries as the
+    probe's."""
     k = int(config.probe.kmer_baseline_k)
     tok = dna_lib.KmerTokenizer(k, max_nucleotides=config.data.max_nucleotides)
 
@@ -163,8 +169,8 @@ def kmer_baseline(config, data: sources.Splits) -> dict[str, Any]:
         seqs = [r["dna_barcode"] for r in records]
         names = [r["processid"] for r in records]
         ids, _ = tok(seqs, names=names)
-        genus = np.asarray([r["genus"] for r in records])
-        return dna_lib.kmer_counts(ids, k, dtype=np.float32), genus
+        labels = np.asarray([r[config.probe.knn_rank] for r in records])
+        return dna_lib.kmer_counts(ids, k, dtype=np.float32), labels
 
     kx, ky = counts(config.data.probe_key_split)
     qx, qy = counts(config.data.probe_query_split)
@@ -172,16 +178,17 @@ def kmer_baseline(config, data: sources.Splits) -> dict[str, Any]:
 
 
 def run_probes(config, data, model_cfg, tokenizer, encoder, mesh) -> dict[str, Any]:
-    """Linear probe (species, train → test) and 1-NN probe (genus, train → test_unseen) of the
+    """Linear probe (species, train → test) and 1-NN probe (genus, train → test_unseen; ranks
+    ``probe.linear_rank`` and ``probe.knn_rank``) of the
     frozen ``encoder``; the same 1-NN probe of a random-init encoder and of k-mer counts."""
     d = config.data
     out: dict[str, Any] = {}
     emb = {s: embed_split(config, encoder, data[s], tokenizer, mesh, pooled_embedding)
            for s in dict.fromkeys((d.finetune_split, d.test_split, d.probe_key_split, d.probe_query_split))}
     rank = config.probe.knn_rank
-    out["knn"] = probes.knn_probe(
+    out["knn"] = {**probes.knn_probe(
         emb[d.probe_key_split]["embedding"], emb[d.probe_key_split][rank],
-        emb[d.probe_query_split]["embedding"], emb[d.probe_query_split][rank])
+        emb[d.probe_query_split]["embedding"], emb[d.probe_query_split][rank]), "rank": rank}
     lr = config.probe.linear_rank
     out["linear"] = probes.linear_probe(
         emb[d.finetune_split]["embedding"], emb[d.finetune_split][lr],
@@ -220,13 +227,14 @@ def finetune_accuracy(config, model, data, tokenizer, mesh) -> dict[str, Any]:
 
 def summary_table(summary: dict[str, Any]) -> str:
     """The paper's three DNA metrics plus the baselines, as a Markdown table."""
+    rank = summary.get("probes", {}).get("knn", {}).get("rank", "genus")
     rows = [
         ("Fine-tuned species accuracy (test)", summary.get("finetune", {}).get("accuracy")),
         ("Linear probe species accuracy (test)", summary.get("probes", {}).get("linear", {}).get("accuracy")),
-        ("1-NN genus accuracy, unseen species (pretrained)", summary.get("probes", {}).get("knn", {}).get("accuracy")),
-        ("1-NN genus accuracy, unseen species (random init)",
+        (f"1-NN {rank} accuracy, unseen species (pretrained)", summary.get("probes", {}).get("knn", {}).get("accuracy")),
+        (f"1-NN {rank} accuracy, unseen species (random init)",
          summary.get("probes", {}).get("knn_random_init", {}).get("accuracy")),
-        (f"1-NN genus accuracy, unseen species (k-mer counts, k={summary.get('probes', {}).get('kmer_baseline', {}).get('k')})",
+        (f"1-NN {rank} accuracy, unseen species (k-mer counts, k={summary.get('probes', {}).get('kmer_baseline', {}).get('k')})",
          summary.get("probes", {}).get("kmer_baseline", {}).get("accuracy")),
     ]
     lines = ["| metric | % |", "|---|---:|"]
@@ -275,14 +283,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         if stage in stages:
             loop.validate_config(_stage_config(config, config[stage]), steps_per_epoch=1)
     mesh_lib.validate_batch(config.probe.eval_batch_size, mesh)
+    for field in ("knn_rank", "linear_rank"):
+        if config.probe[field] not in schema.LABEL_COLUMNS:
+            raise ValueError(f"config.probe.{field}={config.probe[field]!r}; valid: {', '.join(schema.LABEL_COLUMNS)}")
     head_init = config.finetune.get("head_init", "random")
     if head_init not in HEAD_INITS:
         raise ValueError(f"unknown config.finetune.head_init {head_init!r}; valid: {', '.join(HEAD_INITS)}")
     os.makedirs(workdir, exist_ok=True)
     tokenizer = dna_lib.KmerTokenizer(model_cfg.k, max_nucleotides=config.data.max_nucleotides)
     d = config.data
-    wanted = dict.fromkeys((d.pretrain_split, d.finetune_split, d.test_split, d.probe_key_split, d.probe_query_split))
-    data = sources.open_splits(d, list(wanted), features=DNA_FEATURES, seed=config.seed)
+    wanted = dict.fromkeys((sources.pretrain_split(d), d.finetune_split, d.test_split, d.probe_key_split, d.probe_query_split))
+    features = tuple(dict.fromkeys((*DNA_FEATURES, *label_ranks(config))))
+    data = sources.open_splits(d, list(wanted), features=features, seed=config.seed)
     summary: dict[str, Any] = {"data": data.description, "model": config.model.variant, "k": model_cfg.k,
                                "split_sizes": {s: len(data[s]) for s in wanted}}
     logger.info("data %s: %s", data.description, summary["split_sizes"])

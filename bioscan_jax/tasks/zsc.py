@@ -225,7 +225,9 @@ def _barcodebert_stage_config(config) -> ml_collections.ConfigDict:
     c.seed = config.seed
     c.mesh = config.mesh
     c.sharding_rules = config.sharding_rules
-    c.data = dict(pretrain_split=config.barcodebert.pretrain_split, dedup_pretrain=config.barcodebert.dedup_pretrain,
+    c.data = dict(source=config.data.source,
+                  pretrain_split=sources.pretrain_split(config.data, config.barcodebert.pretrain_split),
+                  dedup_pretrain=config.barcodebert.dedup_pretrain,
                   worker_count=config.data.worker_count)
     c.pretrain = config.barcodebert.pretrain
     return c
@@ -241,7 +243,8 @@ def pretrained_barcodebert(config, workdir: str) -> nnx.Module:
     model_cfg = kmer_bert.get_variant(section.model.variant, remat=bool(section.model.get("remat", False)))
     run_dir = os.path.join(workdir, "models", f"barcodebert_{_fingerprint([_to_dict(section), config.seed])}")
     tokenizer = dna_lib.KmerTokenizer(model_cfg.k, max_nucleotides=config.data.max_nucleotides)
-    data = sources.open_splits(config.data, [section.pretrain_split], features=barcodebert.DNA_FEATURES,
+    split = sources.pretrain_split(config.data, section.pretrain_split)
+    data = sources.open_splits(config.data, [split], features=barcodebert.DNA_FEATURES,
                                seed=config.seed)
     t0 = time.perf_counter()
     result = barcodebert.pretrain(_barcodebert_stage_config(config), data, model_cfg, tokenizer, run_dir)

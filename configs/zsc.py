@@ -57,7 +57,7 @@ VARIANTS = ("tiny", "paper")
 
 
 def model(modality, weights, *, variant="", overrides=None, path="", image_size=0, normalize="none",
-          layer_norm_eps=0.0, feature="projection", k=4, stride=0):
+          layer_norm_eps=0.0, feature="projection", k=4, stride=0, frames=1):
     """One encoder definition (every field present so that any can be overridden by flags).
 
     ``variant`` + ``overrides``: KmerBert variant (dna, default ``'tiny'``) or ViT variant such as
@@ -65,12 +65,14 @@ def model(modality, weights, *, variant="", overrides=None, path="", image_size=
     ``checkpoint``, ``hf`` and ``timm`` weights; ``image_size``: ViT input size (0 = 224);
     ``layer_norm_eps``: 0 = the default of the weights (1e-6 for timm, 1e-12 otherwise);
     ``feature``: CLIBD towers only, ``'projection'`` (aligned space) or ``'encoder'``;
-    ``k``, ``stride``: ``kmer`` only, k-mer length and step (0 = k: non-overlapping).
+    ``k``, ``stride``: ``kmer`` only, k-mer length and step (0 = k: non-overlapping);
+    ``frames``: BarcodeBERT only, 1 (the protocol) or the number of reading frames whose
+    embeddings are averaged (k: every start position of the non-overlapping tokens).
     """
     return ml_collections.ConfigDict(dict(
         modality=modality, weights=weights, variant=variant, overrides=dict(overrides or {}), path=path,
         image_size=image_size, normalize=normalize, layer_norm_eps=layer_norm_eps, feature=feature, k=k,
-        stride=stride))
+        stride=stride, frames=frames))
 
 
 def clibd_config(c, arg):
@@ -154,8 +156,12 @@ def get_config(arg=None):
             # tokens and over all overlapping 4-mers.
             kmer4=model("dna", "kmer", k=4),
             kmer4_overlapping=model("dna", "kmer", k=4, stride=1),
+            # The same BarcodeBERTs, embeddings averaged over the 4 reading frames of their tokens.
+            barcodebert_pretrained_frames=model("dna", "pretrain", frames=4),
+            barcodebert_random_frames=model("dna", "random", variant="tiny", frames=4),
         )
         c.encoders = ("dna:barcodebert_pretrained,dna:barcodebert_random,dna:kmer4,dna:kmer4_overlapping,"
+                      "dna:barcodebert_pretrained_frames,dna:barcodebert_random_frames,"
                       "image:vit_random,image:vit_clibd,image+dna:vit_clibd+barcodebert_pretrained")
     else:
         c.data.builder_config = "cropped_256"

@@ -133,6 +133,30 @@ def _with_model(c, name, m):
     return c
 
 
+def test_reading_frames_average_the_embeddings_of_each_frame():
+    from bioscan_jax.data import dna as dna_lib
+    from bioscan_jax.tasks import barcodebert
+    from bioscan_jax.train import mesh as mesh_lib
+
+    c = zsc_configs.get_config()
+    m = zsc_configs.model("dna", "random", variant="tiny", overrides={"num_layers": 1}, frames=4)
+    zsc.check_model_config("framed", m)
+    encoder = zsc.build_encoder("framed", _with_model(c, "framed", m), "", {})
+    rng = np.random.default_rng(0)
+    seqs = ["".join(rng.choice(list("ACGT"), size=n)) for n in (40, 57, 90)]
+    source = [{"processid": f"p{i}", "dna_barcode": s, **{r: 0 for r in zsc.RANKS}} for i, s in enumerate(seqs)]
+    out = zsc.embed_model(encoder, source, c, mesh_lib.make_mesh(c.mesh))
+    tok = dna_lib.KmerTokenizer(4, strip_trailing_n=True)
+    per_frame = []
+    for f in range(4):
+        ids, mask = tok(seqs, offsets=np.full(3, f))
+        per_frame.append(np.asarray(barcodebert.pooled_embedding(encoder.model, {"ids": ids, "attention_mask": mask})))
+    np.testing.assert_allclose(out["embedding"], np.mean(per_frame, axis=0), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(per_frame[0], per_frame[1], atol=1e-3)  # the frames really differ
+    with pytest.raises(ValueError, match="reading frames"):
+        zsc.check_model_config("x", zsc_configs.model("dna", "kmer", frames=4))
+
+
 def test_kmer_encoder_rejects_bad_k():
     with pytest.raises(ValueError, match="1 <= k <= 8"):
         zsc.check_model_config("x", zsc_configs.model("dna", "kmer", k=9))

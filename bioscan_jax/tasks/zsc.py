@@ -128,6 +128,9 @@ def check_model_config(name: str, m: Any) -> None:
         raise ValueError(f"config.models.{name}.normalize={m.normalize!r}; valid: {list(NORMALIZATIONS)}")
     if m.weights in ("checkpoint", "hf", "timm") and not m.path:
         raise ValueError(f"config.models.{name}.weights={m.weights!r} needs config.models.{name}.path")
+    if int(m.frames) < 1 or (int(m.frames) > 1 and (m.modality != "dna" or m.weights in ("kmer", "clibd"))):
+        raise ValueError(f"config.models.{name}.frames={m.frames}: reading frames (> 1) are for BarcodeBERT "
+                         f"encoders (dna; random, pretrain, checkpoint or hf weights); 1 = the protocol")
     if m.weights == "kmer" and not (1 <= int(m.k) <= 8 and 0 <= int(m.stride) <= int(m.k)):
         raise ValueError(f"config.models.{name}: k-mer counts need 1 <= k <= 8 and 0 <= stride <= k "
                          f"(0 = k), got k={m.k}, stride={m.stride}")
@@ -157,13 +160,27 @@ def _to_dict(c: Any) -> Any:
     return c.to_dict() if hasattr(c, "to_dict") else c
 
 
-def dna_batches(k: int, max_nucleotides: int, stride: int | None = None) -> Callable:
-    """Eval DNA batches for the ZSC protocol: k-mer tokens with trailing N stripped."""
+def dna_batches(k: int, max_nucleotides: int, stride: int | None = None, frames: int = 1) -> Callable:
+    """Eval DNA batches for the ZSC protocol: k-mer tokens with trailing N stripped.
+
+    ``frames > 1``: ``ids``/``attention_mask`` are ``[B, frames, T]``, the read tokenised after
+    dropping its first 0, 1, ... ``frames - 1`` nucleotides (its reading frames).
+    """
     tokenizer = dna_lib.KmerTokenizer(k, stride=stride, max_nucleotides=max_nucleotides, strip_trailing_n=True)
+    barcode = fields.feature_name("dna_barcode")
+
+    def reading_frames(batch):
+        seqs = list(batch.pop(barcode))
+        tokens = [tokenizer(seqs, offsets=np.full(len(seqs), f)) for f in range(frames)]
+        batch["ids"] = np.stack([ids for ids, _ in tokens], axis=1)
+        batch["attention_mask"] = np.stack([mask for _, mask in tokens], axis=1)
+        return batch
 
     def make(source, batch_size):
-        return pipeline.dna_pipeline(source, tokenizer=tokenizer, batch_size=batch_size // jax.process_count(),
-                                     train=False, drop_remainder=False, shard="jax", num_epochs=1, keep=KEEP)
+        ds = pipeline.dna_pipeline(source, tokenizer=tokenizer, batch_size=batch_size // jax.process_count(),
+                                   train=False, drop_remainder=False, shard="jax", num_epochs=1,
+                                   keep=KEEP + ((barcode,) if frames > 1 else ()))
+        return ds.map(reading_frames) if frames > 1 else ds
 
     return make
 
@@ -215,8 +232,14 @@ def image_encoder(name: str, m: Any, seed: int) -> Encoder:
 
 
 def dna_embed_fn(model, batch):
-    """Masked mean of the last hidden layer over the (N-stripped) attention mask."""
-    return barcodebert.pooled_embedding(model, batch)
+    """Masked mean of the last hidden layer over the (N-stripped) attention mask; with reading
+    frames (``[B, F, T]`` tokens), the mean of the frames' embeddings."""
+    ids, mask = batch["ids"], batch["attention_mask"]
+    if ids.ndim == 2:
+        return barcodebert.pooled_embedding(model, batch)
+    b, f, t = ids.shape
+    pooled = barcodebert.pooled_embedding(model, {"ids": ids.reshape(b * f, t), "attention_mask": mask.reshape(b * f, t)})
+    return pooled.reshape(b, f, -1).mean(axis=1)
 
 
 def _barcodebert_stage_config(config) -> ml_collections.ConfigDict:
@@ -299,7 +322,7 @@ def dna_encoder(name: str, m: Any, config, workdir: str) -> Encoder:
 
             report = hf_bert.load_hf_bert(model, m.path, strict=False)
             logger.info("%s: loaded %d tensors from %s", name, len(report.get("loaded", [])), m.path)
-    return Encoder(model, dna_embed_fn, dna_batches(model.config.k, config.data.max_nucleotides))
+    return Encoder(model, dna_embed_fn, dna_batches(model.config.k, config.data.max_nucleotides, frames=int(m.frames)))
 
 
 class KmerProfile(nnx.Module):

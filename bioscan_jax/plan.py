@@ -177,13 +177,14 @@ def _barcodebert_spec(config, stage: str, num_classes: int) -> StepSpec:
     from bioscan_jax.models import kmer_bert
     from bioscan_jax.train import losses
 
-    cfg = kmer_bert.get_variant(config.model.variant, remat=bool(config.model.remat))
+    cfg = kmer_bert.get_variant(config.model.variant, remat=bool(config.model.remat),
+                                scan_layers=bool(config.model.get("scan_layers", False)))
     section = config[stage]
     batch = int(section.train.batch_size)
     tokens = int(config.data.max_nucleotides) // cfg.k
     shapes = {"ids": ((batch, tokens), np.int32), "attention_mask": ((batch, tokens), np.bool_)}
     notes = [f"BarcodeBERT {config.model.variant} ({stage}): k={cfg.k}, {cfg.num_layers} layers, hidden "
-             f"{cfg.hidden_size}, {tokens} tokens, remat={cfg.remat}"]
+             f"{cfg.hidden_size}, {tokens} tokens, remat={cfg.remat}, scan_layers={cfg.scan_layers}"]
     if stage == "pretrain":
         shapes.update(targets=((batch, tokens), np.int32), mlm_mask=((batch, tokens), np.bool_))
         return StepSpec("barcodebert/pretrain", lambda rngs: kmer_bert.KmerBertForMLM(cfg, rngs=rngs),
@@ -226,21 +227,26 @@ def _clibd_spec(config, text_vocab: int) -> StepSpec:
                     shapes, config.train, config.optim, notes)
 
 
-def set_remat(config) -> None:
-    """Turn on rematerialisation (per transformer block) in every encoder of the config."""
+def set_model_option(config, name: str) -> None:
+    """Turn on a boolean encoder option (``remat``, ``scan_layers``) in every encoder of the config."""
     if config.task == "barcodebert":
-        config.model.remat = True
+        config.model[name] = True
         return
     if config.task == "clibd":
         for tower in ("image", "dna", "text"):
             section = config.model[tower]
             overrides = section.get("overrides", None)
             if overrides is None:
-                section.overrides = {"remat": True}
+                section.overrides = {name: True}
             else:
-                overrides["remat"] = True
+                overrides[name] = True
         return
-    raise ValueError(f"--remat: no encoders known for task {config.task!r}")
+    raise ValueError(f"--{name}: no encoders known for task {config.task!r}")
+
+
+def set_remat(config) -> None:
+    """Turn on rematerialisation (per transformer block) in every encoder of the config."""
+    set_model_option(config, "remat")
 
 
 def step_spec(config, *, stage: str = "pretrain", num_classes: int = 22_622, text_vocab: int = 15_000) -> StepSpec:
@@ -465,6 +471,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. --set train.batch_size=4096 (repeatable)")
     p.add_argument("--remat", action="store_true", help="rematerialise every transformer block")
+    p.add_argument("--scan", action="store_true",
+                   help="stack the transformer blocks and run them with nnx.scan (one compiled block)")
     p.add_argument("--num-classes", type=int, default=22_622, help="BarcodeBERT fine-tuning classes (species)")
     p.add_argument("--text-vocab", type=int, default=15_000,
                    help="CLIBD taxonomy word vocabulary (built from the data at train time; default 15000)")
@@ -508,6 +516,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = load_config(args.config, args.parsed_overrides)
     if args.remat:
         set_remat(config)
+    if args.scan:
+        set_model_option(config, "scan_layers")
     spec = step_spec(config, stage=args.stage, num_classes=args.num_classes, text_vocab=args.text_vocab)
     result, compiled, setup, abstract_batch = plan(config, args.config, args.mesh_sizes, spec)
     if args.measure:

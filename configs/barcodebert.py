@@ -56,7 +56,7 @@ def get_config(arg=None):
         max_nucleotides=660,
         worker_count=0,
     )
-    c.model = dict(variant=arg.variant, remat=False)
+    c.model = dict(variant=arg.variant, remat=False, scan_layers=False)
 
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     c.sharding_rules = DEFAULT_SHARDING_RULES

@@ -210,6 +210,46 @@ def test_remat_and_bf16(mlm):
     np.testing.assert_allclose(out, _fwd(ref, ids, mask)[0], atol=0.1)
 
 
+@pytest.mark.parametrize("remat", [False, True])
+def test_scan_over_layers_matches_the_unrolled_stack(mlm, remat):
+    ids, mask = _ids()
+    scanned = kb.KmerBertForMLM(_bert_cfg(scan_layers=True, remat=remat), rngs=nnx.Rngs(7))
+    fc1 = nnx.state(scanned, nnx.Param)["bert"]["encoder"]["layers"]["mlp"]["fc1"]["kernel"]
+    assert fc1[...].shape == (2, 32, 64) and fc1.get_metadata()["out_sharding"] == ("layers", "embed", "mlp")
+    layers.copy_layers(mlm.bert.encoder, scanned.bert.encoder)
+    nnx.update(scanned.bert.embeddings, nnx.state(mlm.bert.embeddings, nnx.Param))  # outside the blocks
+    nnx.update(scanned.classifier, nnx.state(mlm.classifier, nnx.Param))
+
+    @nnx.jit
+    def loss_and_grad(m):
+        def loss(m):
+            return jnp.mean(m(ids, mask, deterministic=True)[0] ** 2)
+
+        return nnx.value_and_grad(loss)(m)
+
+    (l1, g1), (l2, g2) = loss_and_grad(mlm), loss_and_grad(scanned)
+    np.testing.assert_allclose(l2, l1, rtol=1e-6)
+    unrolled = g1["bert"]["encoder"]["layers"][1]["mlp"]["fc1"]["kernel"][...]
+    stacked = g2["bert"]["encoder"]["layers"]["mlp"]["fc1"]["kernel"][...][1]
+    np.testing.assert_allclose(stacked, unrolled, rtol=1e-4, atol=1e-7)
+    hidden = scanned.bert(ids, mask, deterministic=True, output_hidden_states=True)[1]["hidden_states"]
+    ref_hidden = mlm.bert(ids, mask, deterministic=True, output_hidden_states=True)[1]["hidden_states"]
+    assert len(hidden) == len(ref_hidden) == 2
+    for h, r in zip(hidden, ref_hidden):
+        np.testing.assert_allclose(h, r, rtol=1e-5, atol=1e-5)
+    back = kb.KmerBertForMLM(_bert_cfg(), rngs=nnx.Rngs(3))
+    layers.copy_layers(scanned.bert.encoder, back.bert.encoder)  # and back to the unrolled layout
+    for a, b in zip(layers.layer_params(back.bert.encoder), layers.layer_params(mlm.bert.encoder)):
+        jax.tree.map(np.testing.assert_array_equal, a, b)
+    from bioscan_jax.convert import hf_bert
+
+    with pytest.raises(hf_bert.ConversionError, match="scan_layers=True"):
+        hf_bert.export_hf_bert(scanned)
+    with pytest.raises(ValueError, match="drop_path=0"):
+        layers.Encoder(layers.BlockConfig(dim=8, num_heads=2, mlp_dim=16), 2, drop_path=0.1, scan=True,
+                       rngs=nnx.Rngs(0))
+
+
 # ------------------------------------------------------------------------------- sharding names
 
 

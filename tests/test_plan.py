@@ -22,6 +22,9 @@ RUNS = {
     # The same step on one device, run for real: estimate vs peak resident memory.
     "measured": ["--config=configs/barcodebert.py", "--mesh=data=1", f"--set=pretrain.train.batch_size={BATCH}",
                  "--measure"],
+    # The sharded run with the blocks stacked and scanned.
+    "scan": ["--config=configs/barcodebert.py", "--mesh=fsdp=4,tensor=2", "--accelerator=v5e", "--scan",
+             f"--set=pretrain.train.batch_size={BATCH}"],
     # CLIBD (tiny image and DNA towers) with remat on an fsdp mesh.
     "clibd": ["--config=configs/clibd.py", "--mesh=fsdp=2", "--remat", "--set=train.batch_size=16",
               "--set=model.modalities=image,dna"],
@@ -103,3 +106,11 @@ def test_clibd_plan_with_remat(plans):
     assert p["task"] == "clibd" and p["devices"] == 2
     assert any("remat=True" in n for n in p["notes"])
     assert p["peak"] > 0 and all(p["fits"].values())
+
+
+def test_scanned_blocks_shard_like_the_unrolled_ones(plans):
+    scanned, unrolled = plans["scan"], plans["sharded"]
+    assert any("scan_layers=True" in n for n in scanned["notes"])
+    assert scanned["num_params"] == unrolled["num_params"]
+    # The stacked axis is replicated ('layers' -> None): each block parameter keeps its shards.
+    assert scanned["params"] == pytest.approx(unrolled["params"], rel=0.02)

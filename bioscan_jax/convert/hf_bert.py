@@ -323,6 +323,14 @@ def _head_prefix(sd: Mapping[str, np.ndarray], enc_prefix: str) -> str | None:
     return cands[0] if len(cands) == 1 else None
 
 
+def check_unrolled(encoder) -> None:
+    """Converters address blocks one by one: a scanned encoder (stacked blocks) is refused."""
+    if getattr(encoder, "scan", False):
+        raise ConversionError(
+            "the model was built with scan_layers=True (stacked blocks); convert into the same model with "
+            "scan_layers=False, then move the weights with bioscan_jax.models.layers.copy_layers")
+
+
 def load_bert_encoder(core, read: KeyReader) -> None:
     """Fill ``core.embeddings`` and ``core.encoder`` from HF BertModel keys under ``read.prefix``."""
     emb = core.embeddings
@@ -332,6 +340,7 @@ def load_bert_encoder(core, read: KeyReader) -> None:
         if v is not None:
             assign(getattr(emb, ours).embedding, v, read.prefix + f"embeddings.{theirs}.weight")
     set_norm(emb.norm, read, "embeddings.LayerNorm")
+    check_unrolled(core.encoder)
     for i, blk in enumerate(core.encoder.layers):
         p = f"encoder.layer.{i}."
         set_qkv(blk.attn, read, tuple(p + f"attention.self.{n}" for n in ("query", "key", "value")))
@@ -350,6 +359,7 @@ def export_bert_encoder(core, prefix: str = "") -> StateDict:
         "embeddings.token_type_embeddings.weight": get(emb.token_type.embedding),
         **export_norm(emb.norm, "embeddings.LayerNorm"),
     }
+    check_unrolled(core.encoder)
     for i, blk in enumerate(core.encoder.layers):
         p = f"encoder.layer.{i}."
         out.update(export_qkv(blk.attn, tuple(p + f"attention.self.{n}" for n in ("query", "key", "value"))))

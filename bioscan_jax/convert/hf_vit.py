@@ -31,6 +31,7 @@ from bioscan_jax.convert.hf_bert import (
     KeyReader,
     StateDict,
     assign,
+    check_unrolled,
     export_linear,
     export_norm,
     export_qkv,
@@ -138,6 +139,7 @@ def load_hf_vit(
     elif read.has(_CLS):
         raise ConversionError("checkpoint has a CLS token but the model was built without one (class_token=False)")
     _set_posemb(model, read(_POS), prefix + _POS, resample)
+    check_unrolled(model.encoder)
     for i, blk in enumerate(model.encoder.layers):
         p = f"encoder.layer.{i}."
         set_norm(blk.norm1, read, p + "layernorm_before")
@@ -166,6 +168,7 @@ def export_hf_vit(model: ViT, *, prefix: str = "") -> StateDict:
     }
     if model.cls is not None:
         out[_CLS] = get(model.cls)
+    check_unrolled(model.encoder)
     for i, blk in enumerate(model.encoder.layers):
         p = f"encoder.layer.{i}."
         out.update(export_norm(blk.norm1, p + "layernorm_before"))
@@ -209,6 +212,7 @@ def load_timm_vit(
     elif read.has("cls_token"):
         raise ConversionError("checkpoint has a CLS token but the model was built without one (class_token=False)")
     _set_posemb(model, read("pos_embed"), prefix + "pos_embed", resample)
+    check_unrolled(model.encoder)
     for i, blk in enumerate(model.encoder.layers):
         p = f"blocks.{i}."
         set_norm(blk.norm1, read, p + "norm1")
@@ -239,6 +243,7 @@ def export_timm_vit(model: ViT) -> StateDict:
     }
     if model.cls is not None:
         out["cls_token"] = get(model.cls)
+    check_unrolled(model.encoder)
     for i, blk in enumerate(model.encoder.layers):
         p = f"blocks.{i}."
         out.update(export_norm(blk.norm1, p + "norm1"))

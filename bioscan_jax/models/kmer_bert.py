@@ -54,6 +54,7 @@ class KmerBertConfig:
     dtype: Any = None  # compute dtype (None: float32 params → float32 compute)
     param_dtype: Any = jnp.float32
     remat: bool = False
+    scan_layers: bool = False  # stacked blocks run with nnx.scan (layers.Encoder scan=True)
 
     def __post_init__(self):
         if self.k < 1:
@@ -137,7 +138,7 @@ class KmerBert(nnx.Module):
             param_dtype=c.param_dtype,
             rngs=rngs,
         )
-        self.encoder = layers.Encoder(c.block_config(), c.num_layers, remat=c.remat, rngs=rngs)
+        self.encoder = layers.Encoder(c.block_config(), c.num_layers, remat=c.remat, scan=c.scan_layers, rngs=rngs)
 
     def __call__(
         self,

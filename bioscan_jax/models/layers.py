@@ -23,6 +23,8 @@ name       meaning                                      used by
 ``vocab``  token vocabulary / MLM classes (4^k)         word embeddings (vocab, embed),
                                                         MLM head (embed, vocab)
 ``classes`` classifier outputs                          classification heads (embed, classes)
+``layers`` the stacked-blocks axis                      every block parameter of a scanned
+                                                        encoder (``scan=True``), first dim
 ``None``   replicated                                   LayerNorm scale/bias, position and
                                                         token-type tables (None, embed), the
                                                         stacked q/k/v dim, ViT patch kernel
@@ -59,7 +61,7 @@ from flax.core import spmd as core_spmd
 Array = jax.Array
 Dtype = Any
 
-LOGICAL_AXIS_NAMES = ("embed", "mlp", "heads", "kv", "vocab", "classes")
+LOGICAL_AXIS_NAMES = ("embed", "mlp", "heads", "kv", "vocab", "classes", "layers")
 
 DEFAULT_LOGICAL_AXIS_RULES = (
     ("embed", "fsdp"),
@@ -68,6 +70,7 @@ DEFAULT_LOGICAL_AXIS_RULES = (
     ("kv", None),
     ("vocab", "tensor"),
     ("classes", None),
+    ("layers", None),
 )
 
 #: HF BERT initialiser: normal(std=0.02) kernels, zero biases.
@@ -459,6 +462,10 @@ class Encoder(nnx.Module):
     """A stack of ``num_layers`` transformer blocks (``layers[i]``).
 
     ``remat=True`` recomputes each block's activations in the backward pass (``nnx.remat``).
+    ``scan=True`` stores the blocks stacked (``layers`` is one block whose parameters have a
+    leading ``layers`` axis) and runs them with ``nnx.scan``: the compiled program holds one block,
+    so compile time and program size do not grow with depth. Same numbers as the unrolled stack
+    given the same parameters (:func:`copy_layers` moves them between the two layouts).
     ``drop_path`` is the stochastic-depth rate of the last block (linearly increasing from 0).
     """
 
@@ -469,11 +476,17 @@ class Encoder(nnx.Module):
         *,
         drop_path: float = 0.0,
         remat: bool = False,
+        scan: bool = False,
         rngs: nnx.Rngs,
     ):
-        rates = [drop_path * i / max(num_layers - 1, 1) for i in range(num_layers)]
-        self.layers = nnx.List([TransformerBlock(cfg, drop_path=r, rngs=rngs) for r in rates])
-        self.remat = remat
+        self.remat, self.scan, self.num_layers = remat, scan, num_layers
+        if scan:
+            if drop_path:
+                raise ValueError("scan over layers needs drop_path=0 (stochastic depth varies per layer)")
+            self.layers = _stacked_blocks(cfg, num_layers, rngs)
+        else:
+            rates = [drop_path * i / max(num_layers - 1, 1) for i in range(num_layers)]
+            self.layers = nnx.List([TransformerBlock(cfg, drop_path=r, rngs=rngs) for r in rates])
 
     def __call__(
         self,
@@ -502,11 +515,56 @@ class Encoder(nnx.Module):
         from bioscan_jax.train.mesh import constrain
 
         x = constrain(x, ("batch", None, None))
+        if self.scan:
+            @nnx.scan(in_axes=(0, nnx.Carry), out_axes=(nnx.Carry, 0))
+            def body(block, h):
+                h = constrain(fn(block, h, mask), ("batch", None, None))
+                return h, (h if return_all else None)
+
+            x, stacked = body(self.layers, x)
+            return (x, list(stacked)) if return_all else x
         for block in self.layers:
             x = constrain(fn(block, x, mask), ("batch", None, None))
             if return_all:
                 hidden.append(x)
         return (x, hidden) if return_all else x
+
+
+def layer_params(encoder: Encoder) -> list[dict[str, Any]]:
+    """The blocks' parameters as one pure dict per layer, from either layout."""
+    if not encoder.scan:
+        return [nnx.state(block, nnx.Param).to_pure_dict() for block in encoder.layers]
+    stacked = nnx.state(encoder.layers, nnx.Param).to_pure_dict()
+    return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(encoder.num_layers)]
+
+
+def copy_layers(src: Encoder, dst: Encoder) -> None:
+    """Copy the blocks' parameters of ``src`` into ``dst`` in place; either may be scanned, so a
+    checkpoint or converted model in one layout loads into the other."""
+    if src.num_layers != dst.num_layers:
+        raise ValueError(f"cannot copy {src.num_layers} layers into an encoder of {dst.num_layers}")
+    per_layer = layer_params(src)
+    if dst.scan:
+        state = nnx.state(dst.layers, nnx.Param)
+        state.replace_by_pure_dict(jax.tree.map(lambda *a: jnp.stack(a), *per_layer))
+        nnx.update(dst.layers, state)
+        return
+    for block, params in zip(dst.layers, per_layer):
+        state = nnx.state(block, nnx.Param)
+        state.replace_by_pure_dict(params)
+        nnx.update(block, state)
+
+
+def _stacked_blocks(cfg: BlockConfig, num_layers: int, rngs: nnx.Rngs) -> TransformerBlock:
+    """``num_layers`` blocks as one block whose variables have a leading ``layers`` axis (logical
+    name ``layers``), for ``nnx.scan``: one compiled block body whatever the depth."""
+
+    @nnx.split_rngs(splits=num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(rngs):
+        return TransformerBlock(cfg, rngs=rngs)
+
+    return make(rngs)
 
 
 def masked_mean(x: Array, mask: Array | None) -> Array:

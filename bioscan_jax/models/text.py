@@ -38,6 +38,7 @@ class TextConfig:
     dtype: Any = None
     param_dtype: Any = jnp.float32
     remat: bool = False
+    scan_layers: bool = False  # stacked blocks run with nnx.scan (layers.Encoder scan=True)
 
     def block_config(self) -> layers.BlockConfig:
         return layers.BlockConfig(
@@ -87,7 +88,7 @@ class TextEncoder(nnx.Module):
             param_dtype=c.param_dtype,
             rngs=rngs,
         )
-        self.encoder = layers.Encoder(c.block_config(), c.num_layers, remat=c.remat, rngs=rngs)
+        self.encoder = layers.Encoder(c.block_config(), c.num_layers, remat=c.remat, scan=c.scan_layers, rngs=rngs)
 
     def __call__(
         self,

@@ -70,6 +70,7 @@ class ViTConfig:
     dtype: Any = None
     param_dtype: Any = jnp.float32
     remat: bool = False
+    scan_layers: bool = False  # stacked blocks run with nnx.scan (layers.Encoder scan=True)
 
     def __post_init__(self):
         if self.pool not in ("tok", "gap"):
@@ -200,7 +201,7 @@ class ViT(nnx.Module):
             layers.partitioned(init, (None, None, "embed"))(rngs.params(), (1, n, d), c.param_dtype))
         self.dropout = layers.Dropout(c.dropout_rate, rngs=rngs)
         self.encoder = layers.Encoder(
-            c.block_config(), c.num_layers, drop_path=c.drop_path_rate, remat=c.remat, rngs=rngs)
+            c.block_config(), c.num_layers, drop_path=c.drop_path_rate, remat=c.remat, scan=c.scan_layers, rngs=rngs)
         norm_kw = dict(eps=c.layer_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
         self.norm = layers.LayerNorm(d, **norm_kw) if (c.final_norm or c.fc_norm) else nnx.data(None)
         if c.num_classes:

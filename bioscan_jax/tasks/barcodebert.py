@@ -64,7 +64,8 @@ def _check_stages(config) -> tuple[str, ...]:
 
 
 def _model_config(config) -> kmer_bert.KmerBertConfig:
-    return kmer_bert.get_variant(config.model.variant, remat=bool(config.model.remat))
+    return kmer_bert.get_variant(config.model.variant, remat=bool(config.model.remat),
+                                 scan_layers=bool(config.model.get("scan_layers", False)))
 
 
 def _local_batch(batch_size: int) -> int:

@@ -59,6 +59,7 @@ DEFAULT_SHARDING_RULES: tuple[tuple[str, Any], ...] = (
     ("classes", None),
     ("length", None),
     ("norm", None),
+    ("layers", None),  # the stacked-blocks axis of scanned encoders
 )
 
 Rules = tuple[tuple[str, Any], ...]

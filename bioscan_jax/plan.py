@@ -175,10 +175,10 @@ def _barcodebert_spec(config, stage: str, num_classes: int) -> StepSpec:
     import numpy as np
 
     from bioscan_jax.models import kmer_bert
+    from bioscan_jax.tasks import barcodebert
     from bioscan_jax.train import losses
 
-    cfg = kmer_bert.get_variant(config.model.variant, remat=bool(config.model.remat),
-                                scan_layers=bool(config.model.get("scan_layers", False)))
+    cfg = barcodebert.model_config(config.model)
     section = config[stage]
     batch = int(section.train.batch_size)
     tokens = int(config.data.max_nucleotides) // cfg.k
@@ -241,12 +241,7 @@ def set_model_option(config, name: str) -> None:
             else:
                 overrides[name] = True
         return
-    raise ValueError(f"--{name}: no encoders known for task {config.task!r}")
-
-
-def set_remat(config) -> None:
-    """Turn on rematerialisation (per transformer block) in every encoder of the config."""
-    set_model_option(config, "remat")
+    raise ValueError(f"encoder option {name!r}: no encoders known for task {config.task!r}")
 
 
 def step_spec(config, *, stage: str = "pretrain", num_classes: int = 22_622, text_vocab: int = 15_000) -> StepSpec:
@@ -515,7 +510,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     config = load_config(args.config, args.parsed_overrides)
     if args.remat:
-        set_remat(config)
+        set_model_option(config, "remat")
     if args.scan:
         set_model_option(config, "scan_layers")
     spec = step_spec(config, stage=args.stage, num_classes=args.num_classes, text_vocab=args.text_vocab)

@@ -63,9 +63,10 @@ def _check_stages(config) -> tuple[str, ...]:
     return stages
 
 
-def _model_config(config) -> kmer_bert.KmerBertConfig:
-    return kmer_bert.get_variant(config.model.variant, remat=bool(config.model.remat),
-                                 scan_layers=bool(config.model.get("scan_layers", False)))
+def model_config(model: ml_collections.ConfigDict) -> kmer_bert.KmerBertConfig:
+    """The KmerBert config of a ``model`` section (``variant``, ``remat``, ``scan_layers``)."""
+    return kmer_bert.get_variant(model.variant, remat=bool(model.get("remat", False)),
+                                 scan_layers=bool(model.get("scan_layers", False)))
 
 
 def _local_batch(batch_size: int) -> int:
@@ -178,6 +179,12 @@ def kmer_baseline(config, data: sources.Splits) -> dict[str, Any]:
     return {**probes.knn_probe(kx, ky, qx, qy), "k": k}
 
 
+def _linear_fit_options(config) -> dict[str, Any]:
+    """The linear probe's optimisation settings (``probe`` section), for :func:`probes.fit_linear`."""
+    p = config.probe
+    return dict(epochs=p.linear_epochs, lr=p.linear_lr, batch_size=p.linear_batch_size, seed=config.seed)
+
+
 def run_probes(config, data, model_cfg, tokenizer, encoder, mesh) -> dict[str, Any]:
     """Linear probe (species, train → test) and 1-NN probe (genus, train → test_unseen; ranks
     ``probe.linear_rank`` and ``probe.knn_rank``) of the
@@ -194,8 +201,7 @@ def run_probes(config, data, model_cfg, tokenizer, encoder, mesh) -> dict[str, A
     out["linear"] = probes.linear_probe(
         emb[d.finetune_split]["embedding"], emb[d.finetune_split][lr],
         emb[d.test_split]["embedding"], emb[d.test_split][lr], num_classes=data.num_classes(lr),
-        epochs=config.probe.linear_epochs, lr=config.probe.linear_lr,
-        batch_size=config.probe.linear_batch_size, seed=config.seed, return_head=True)
+        return_head=True, **_linear_fit_options(config))
     if config.probe.random_init_baseline:
         random_encoder = kmer_bert.KmerBert(model_cfg, rngs=nnx.Rngs(config.seed + 1000))
         rnd = {s: embed_split(config, random_encoder, data[s], tokenizer, mesh, pooled_embedding)
@@ -213,8 +219,7 @@ def probe_head(config, data, tokenizer, encoder, mesh) -> probes.LinearHead:
     emb = embed_split(config, encoder, data[config.data.finetune_split], tokenizer, mesh, pooled_embedding)
     ok = emb["species"] >= 0
     return probes.fit_linear(emb["embedding"][ok], emb["species"][ok], num_classes=data.num_classes("species"),
-                             epochs=config.probe.linear_epochs, lr=config.probe.linear_lr,
-                             batch_size=config.probe.linear_batch_size, seed=config.seed)
+                             **_linear_fit_options(config))
 
 
 def finetune_accuracy(config, model, data, tokenizer, mesh) -> dict[str, Any]:
@@ -278,7 +283,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Pretrain → fine-tune → probes (``config.stages``); returns and writes the summary."""
     t_start = time.perf_counter()
     stages = _check_stages(config)
-    model_cfg = _model_config(config)
+    model_cfg = model_config(config.model)
     mesh = mesh_lib.make_mesh(config.mesh)
     for stage in ("pretrain", "finetune"):  # fail on config errors before any compute
         if stage in stages:
@@ -314,6 +319,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         t0 = time.perf_counter()
         summary["probes"] = run_probes(config, data, model_cfg, tokenizer, encoder, mesh)
         head = summary["probes"]["linear"].pop("head")
+        if config.probe.linear_rank != "species":  # the fine-tuning head classifies species
+            head = None
         summary["probes"]["seconds"] = time.perf_counter() - t0
     if "finetune" in stages:
         t0 = time.perf_counter()

@@ -171,7 +171,8 @@ def dna_batches(k: int, max_nucleotides: int, stride: int | None = None, frames:
 
     def reading_frames(batch):
         seqs = list(batch.pop(barcode))
-        tokens = [tokenizer(seqs, offsets=np.full(len(seqs), f)) for f in range(frames)]
+        tokens = [(batch["ids"], batch["attention_mask"])]  # frame 0: the pipeline's tokens
+        tokens += [tokenizer(seqs, offsets=np.full(len(seqs), f)) for f in range(1, frames)]
         batch["ids"] = np.stack([ids for ids, _ in tokens], axis=1)
         batch["attention_mask"] = np.stack([mask for _, mask in tokens], axis=1)
         return batch
@@ -263,7 +264,7 @@ def pretrained_barcodebert(config, workdir: str) -> nnx.Module:
     same settings finds the final checkpoint there and does not train again.
     """
     section = config.barcodebert
-    model_cfg = kmer_bert.get_variant(section.model.variant, remat=bool(section.model.get("remat", False)))
+    model_cfg = barcodebert.model_config(section.model)
     run_dir = os.path.join(workdir, "models", f"barcodebert_{_fingerprint([_to_dict(section), config.seed])}")
     tokenizer = dna_lib.KmerTokenizer(model_cfg.k, max_nucleotides=config.data.max_nucleotides)
     split = sources.pretrain_split(config.data, section.pretrain_split)

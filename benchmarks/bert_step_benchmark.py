@@ -24,11 +24,11 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import sys
 import time
+
+from _common import configure_jax, emit, matmul_peak
 
 
 def parse_args(argv=None):
@@ -55,9 +55,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def emit(**record):
-    print(json.dumps(record), flush=True)
-
 
 def make_batch(cfg, batch, seed):
     """BarcodeBERT-style batch: k-mer ids, 50% [MASK], labels = original k-mer class."""
@@ -81,23 +78,6 @@ def analytic_flops(cfg, batch):
     matmul_params = L * per_layer + d * cfg.num_labels
     tokens = batch * t
     return 6 * matmul_params * tokens + 12 * L * batch * t * t * d
-
-
-def measure_peak(n, reps, dtype):
-    import jax
-    import jax.numpy as jnp
-
-    ka, kb_ = jax.random.split(jax.random.key(0))
-    a = jax.random.normal(ka, (n, n), dtype)
-    b = jax.random.normal(kb_, (n, n), dtype)
-    f = jax.jit(jnp.dot)
-    f(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        f(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best, best
 
 
 def run_jax(args, cfg, data):
@@ -242,13 +222,9 @@ def summarise(name, times, cpu, cfg, batch, flops, flops_source, peak, **extra):
 
 def main(argv=None):
     args = parse_args(argv)
-    os.environ.setdefault("JAX_PLATFORMS", "cpu" if args.device == "cpu" else "cuda")
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-    import jax
+    jax = configure_jax(args.device, args.dtype, args.tf32)
     import jax.numpy as jnp
 
-    if args.device == "gpu" and args.dtype == "f32":  # same matmul precision on both sides
-        jax.config.update("jax_default_matmul_precision", "tensorfloat32" if args.tf32 else "highest")
 
     jax.config.update("jax_default_prng_impl", args.prng)
     from bioscan_jax.models import kmer_bert as kb
@@ -262,7 +238,7 @@ def main(argv=None):
                   load_avg=os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
 
     peak_dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
-    peak, peak_t = measure_peak(args.peak_n, args.peak_reps, peak_dtype)
+    peak, peak_t = matmul_peak(args.peak_n, args.peak_reps, peak_dtype)
     emit(benchmark="matmul_peak", n=args.peak_n, seconds=peak_t, flops_per_s=peak, **common)
 
     analytic = analytic_flops(cfg, args.batch)

@@ -14,11 +14,11 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import sys
 import time
+
+from _common import configure_jax, emit, matmul_peak
 
 
 def parse_args(argv=None):
@@ -42,30 +42,12 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def emit(**record):
-    print(json.dumps(record), flush=True)
-
 
 def analytic_flops(cfg, batch):
     n = (cfg.image_size // cfg.patch_size) ** 2 + 1
     d, f, L = cfg.hidden_size, cfg.mlp_dim, cfg.num_layers
     params = L * (4 * d * d + 2 * d * f) + cfg.patch_size**2 * cfg.num_channels * d
     return 6 * params * batch * n + 12 * L * batch * n * n * d
-
-
-def measure_peak(n, dtype):
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-    f = jax.jit(jnp.dot)
-    f(a, a).block_until_ready()
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        f(a, a).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
 
 
 def run_jax(args, cfg, images, labels):
@@ -156,13 +138,9 @@ def run_torch(args, cfg, images, labels):
 
 def main(argv=None):
     args = parse_args(argv)
-    os.environ.setdefault("JAX_PLATFORMS", "cpu" if args.device == "cpu" else "cuda")
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-    import jax
+    jax = configure_jax(args.device, args.dtype, args.tf32)
     import jax.numpy as jnp
 
-    if args.device == "gpu" and args.dtype == "f32":  # same matmul precision on both sides
-        jax.config.update("jax_default_matmul_precision", "tensorfloat32" if args.tf32 else "highest")
     import numpy as np
 
     from bioscan_jax.models import vit
@@ -175,7 +153,7 @@ def main(argv=None):
     common = dict(attention=args.attention, variant=args.variant, batch=args.batch, image_size=cfg.image_size, dtype=args.dtype,
                   device=args.device, jax_device=jax.devices()[0].device_kind, cpu_count=os.cpu_count(),
                   load_avg=os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
-    peak = measure_peak(args.peak_n, jnp.bfloat16 if args.dtype == "bf16" else jnp.float32)
+    peak, _ = matmul_peak(args.peak_n, 5, jnp.bfloat16 if args.dtype == "bf16" else jnp.float32)
     emit(benchmark="matmul_peak", n=args.peak_n, flops_per_s=peak, **common)
     analytic = analytic_flops(cfg, args.batch)
     jax_s = torch_s = jax_cpu = torch_cpu = None

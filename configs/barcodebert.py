@@ -23,9 +23,11 @@ def _stage(*, batch_size, epochs=0, steps=0, lr=1e-4, log_every=50, checkpoint_e
     return ml_collections.ConfigDict(dict(
         train=dict(batch_size=batch_size, accum_steps=1, bf16=False, steps=steps, epochs=epochs,
                    log_every=log_every, eval_every=0, progress_bar=True, tensorboard=True),
-        # AdamW, lr per 64 samples scaled by batch/64, OneCycle (cosine, 30% warm-up), no decay.
+        # barcodebert/pretraining.py (and finetuning.py): AdamW, lr per 64 samples scaled by batch/64,
+        # no decay, torch's OneCycleLR defaults (cosine, 30% warm-up, beta1 cycled 0.95→0.85→0.95).
         optim=dict(lr=lr, lr_ref_batch=64, weight_decay=0.0, warmup_frac=0.3, schedule="onecycle",
-                   b1=0.9, b2=0.999, eps=1e-8, div_factor=25.0, final_div_factor=1e4, grad_clip=0.0),
+                   b1=0.9, b2=0.999, eps=1e-8, div_factor=25.0, final_div_factor=1e4, grad_clip=0.0,
+                   cycle_momentum=True, base_momentum=0.85, max_momentum=0.95),
         checkpoint=dict(every=checkpoint_every, keep=2, async_save=True),
     ))
 
@@ -43,6 +45,8 @@ def get_config(arg=None):
         builder_config="synthetic_dna",  # 'synthetic_dna' (embedded default) or 'dna' (real, needs manual_dir)
         data_dir="",                   # TFDS data dir ('' = TFDS default)
         manual_dir="",                 # official BIOSCAN-5M files (extracted or zips)
+        on_bad_record="raise",         # the builder's policy: 'raise' or 'skip' (counted in the dataset info)
+        verify_md5=True,               # False: accept an official-named metadata CSV whose md5 differs
         num_records=0,                 # synthetic size (0 = the generator's default)
         path="",                       # source='bold': BOLD TSV or FASTA
         unseen_fraction=0.2,           # source='bold': share of species held out as unseen
@@ -52,7 +56,10 @@ def get_config(arg=None):
         test_split="test",
         probe_key_split="train",
         probe_query_split="test_unseen",
-        dedup_pretrain=True,           # one record per barcode (after rstrip('N')), as the reference
+        # data/data_split.py: every set keeps the first record of each barcode after rstrip('N')
+        # over the whole metadata; and trailing N are padding (attention mask 0), not [UNK] tokens.
+        dedup_barcodes=True,
+        strip_trailing_n=True,
         max_nucleotides=660,
         worker_count=0,
     )
@@ -70,9 +77,14 @@ def get_config(arg=None):
     # 4e-4 stayed at the class prior, 2.4%); see the README.
     c.finetune = _stage(batch_size=32, epochs=5, lr=1e-3, log_every=20)
     c.finetune.head_init = "linear_probe"  # 'random' (the reference) or 'linear_probe' (LP-FT)
+    c.finetune.pooling = "masked_mean"     # 'mean' over all positions (the reference) or 'masked_mean'
     c.probe = dict(
         eval_batch_size=128,
+        # 'reference' (baselines/linear_probing.py: scalar standardisation, SGD momentum 0.9,
+        # lr 0.01, wd 1e-5, batch 64, 200 epochs) or 'adamw' (per-feature, AdamW + cosine).
+        linear_recipe="adamw",
         linear_epochs=100, linear_lr=1e-2, linear_batch_size=256, linear_rank="species",
+        linear_momentum=0.9, linear_weight_decay=1e-5,
         knn_rank="genus",
         kmer_baseline_k=4,             # k of the k-mer count 1-NN baseline
         random_init_baseline=True,     # also report the 1-NN probe of a random-init encoder
@@ -84,10 +96,13 @@ def get_config(arg=None):
         c.pretrain = _stage(batch_size=512, epochs=35, lr=1e-4, log_every=100, checkpoint_every=2000)
         c.pretrain.mask_prob = 0.5
         c.pretrain.masked_only = False
-        c.finetune = _stage(batch_size=256, epochs=10, lr=1e-4, log_every=100, checkpoint_every=2000)
+        # finetuning.py: its parser's default 35 epochs, a random head on the unmasked mean.
+        c.finetune = _stage(batch_size=256, epochs=35, lr=1e-4, log_every=100, checkpoint_every=2000)
         c.finetune.head_init = "random"
+        c.finetune.pooling = "mean"
         c.probe.eval_batch_size = 1024
-        c.probe.linear_epochs = 20
+        c.probe.update(dict(linear_recipe="reference", linear_epochs=200, linear_lr=0.01, linear_batch_size=64,
+                            linear_momentum=0.9, linear_weight_decay=1e-5))
         c.probe.kmer_baseline_k = 6
         c.data.worker_count = 8
     elif arg.variant == "4_12_12":
@@ -95,7 +110,10 @@ def get_config(arg=None):
         c.pretrain = _stage(batch_size=256, epochs=35, lr=1e-4, log_every=100, checkpoint_every=2000)
         c.pretrain.mask_prob = 0.5
         c.pretrain.masked_only = False
-        c.finetune = _stage(batch_size=256, epochs=10, lr=1e-4, log_every=100, checkpoint_every=2000)
+        c.finetune = _stage(batch_size=256, epochs=35, lr=1e-4, log_every=100, checkpoint_every=2000)
         c.finetune.head_init = "random"
+        c.finetune.pooling = "mean"
+        c.probe.update(dict(linear_recipe="reference", linear_epochs=200, linear_lr=0.01, linear_batch_size=64,
+                            linear_momentum=0.9, linear_weight_decay=1e-5))
         c.probe.kmer_baseline_k = 6
     return c

@@ -45,6 +45,8 @@ def get_config(arg=None):
         builder_config="synthetic",    # 'synthetic' (embedded, with images) or 'cropped_256' (real, manual_dir)
         data_dir="",                   # TFDS data dir ('' = TFDS default)
         manual_dir="",                 # official BIOSCAN-5M files (extracted or zips)
+        on_bad_record="raise",         # the builder's policy: 'raise' or 'skip' (counted in the dataset info)
+        verify_md5=True,               # False: accept an official-named metadata CSV whose md5 differs
         num_records=0,                 # synthetic size (0 = the generator's default)
         train_split="pretrain+train",  # CLIBD trains on pretrain + train
         vocab_split="train",           # taxonomy words of the text tower

@@ -98,6 +98,8 @@ def get_config(arg=None):
         builder_config="synthetic",   # 'synthetic' (embedded, with images) or an image package
         data_dir="",
         manual_dir="",
+        on_bad_record="raise",         # the builder's policy: 'raise' or 'skip' (counted in the dataset info)
+        verify_md5=True,               # False: accept an official-named metadata CSV whose md5 differs
         num_records=0,                # synthetic size (0 = the generator's default)
         path="",                      # source='bold': BOLD TSV or FASTA
         unseen_fraction=0.2,
@@ -119,6 +121,13 @@ def get_config(arg=None):
         n_neighbors=30,
         min_dist=0.0,
         silhouette_samples=10_000,
+        # 'fused': z-score the modalities of an image+DNA spec over all records; 'elementwise_zscore':
+        # the reference's --prenorm (io.py::load_embeddings): every modality of every spec z-scored
+        # per feature within each partition (test, test_unseen); 'none'.
+        prenorm="fused",
+        # A missing label at a rank is one class of its own ('class', the reference notebook) or
+        # left out ('drop'); both AMIs are in zsc.json (ami/<rank> and ami_<other>/<rank>).
+        missing_labels="class",
     )
     c.plots = dict(
         ami_by_rank=True,
@@ -131,7 +140,7 @@ def get_config(arg=None):
         model=bb.model,
         pretrain=bb.pretrain,
         pretrain_split=bb.data.pretrain_split,
-        dedup_pretrain=True,
+        dedup_barcodes=True,          # one record per barcode after rstrip('N') (data/data_split.py)
     )
     c.clibd = clibd_config(c, "tiny" if arg.variant == "tiny" else "paper")
     c.clibd_workdir = ""              # '' = <workdir>/models/clibd_<hash>
@@ -166,6 +175,7 @@ def get_config(arg=None):
     else:
         c.data.builder_config = "cropped_256"
         c.data.worker_count = 8
+        c.cluster.prenorm = "elementwise_zscore"
         c.embed.batch_size = 256
         c.models = dict(
             # BarcodeBERT 8-4-4 from a barcodebert:paper workdir (or weights='hf' + a converted file).

@@ -44,9 +44,9 @@ def test_main_job_writes_summary_with_the_paper_metrics(run_result):
     assert written["probes"]["knn"]["accuracy"] == pytest.approx(summary["probes"]["knn"]["accuracy"])
     for key in ("knn", "knn_random_init", "kmer_baseline", "linear"):
         assert 0.0 <= summary["probes"][key]["accuracy"] <= 1.0
-    assert summary["probes"]["knn"]["n_queries"] == summary["split_sizes"]["test_unseen"]
+    assert summary["probes"]["knn"]["n_queries"] == summary["eval_sets"]["knn_queries"]["records"]
     assert 0.0 <= summary["finetune"]["accuracy"] <= 1.0
-    assert summary["finetune"]["n_test"] == summary["split_sizes"]["test"]
+    assert summary["finetune"]["n_test"] == summary["eval_sets"]["test"]["records"]
     assert summary["pretrain"]["steps"] == 4 and summary["finetune"]["steps"] == 4
     assert os.path.exists(os.path.join(workdir, "training_curves.png"))
     table = open(os.path.join(workdir, "summary.md")).read()
@@ -121,11 +121,13 @@ def test_bold_export_runs_pretraining_finetuning_and_probes(tmp_path, real_barco
     config.probe.knn_rank = "order"  # 12 species of (mostly) 12 genera: genus is rarely shared
     summary = tasks.run(config, str(tmp_path / "work"))
     assert summary["data"].startswith("BOLD import")
-    sizes = summary["split_sizes"]
+    sizes = {s: v["records"] for s, v in summary["split_sizes"].items()}
+    used = {s: v["used"] for s, v in summary["split_sizes"].items()}
     assert sizes["pretrain+train"] == sizes["train"] > 0 and sizes["test_unseen"] >= 12
     assert sizes["train"] + sizes["test"] + sizes["test_unseen"] == len(small)
+    assert used["pretrain+train"] == used["train"] <= sizes["train"]
     probes = summary["probes"]
-    assert probes["knn"]["n_queries"] == sizes["test_unseen"] and probes["knn"]["rank"] == "order"
+    assert probes["knn"]["n_queries"] == used["test_unseen"] and probes["knn"]["rank"] == "order"
     with open(os.path.join(tmp_path, "work", "summary.md")) as f:
         assert "1-NN order accuracy" in f.read()
     assert 0.0 <= probes["kmer_baseline"]["accuracy"] <= 1.0 and 0.0 <= summary["finetune"]["accuracy"] <= 1.0

@@ -81,7 +81,7 @@ def test_fasta_headers_and_bad_records(tmp_path):
     assert frame["processid"].tolist() == ["P1", "P3"]
     p1, p3 = frame.iloc[0], frame.iloc[1]
     assert (p1["species"], p1["genus"], p1["dna_bin"], p1["taxon"]) == ("Aus bus", "Aus", "BOLD:AAA0001", "Aus bus")
-    assert p1["dna_barcode"] == "ACGTACGTACGT"  # joined lines, normalised
+    assert p1["dna_barcode"] == "ACGTNACGTACGT"  # joined lines, normalised (the gap is an N: frame kept)
     assert (p3["species"], p3["genus"], p3["taxon"]) == ("Cus dus", "Cus", "Cus dus")  # BOLD's own header
     assert report.rows_read == 8 and report.rows_mapped == 2
     assert report.skipped == {
@@ -117,7 +117,7 @@ def test_tsv_bad_rows_are_counted_or_raised(tmp_path):
     _assert_schema(frame)
     assert frame["processid"].tolist() == ["P1", "P4"]
     assert frame["taxon"].tolist() == ["Musca domestica", "Diptera"]
-    assert frame["dna_barcode"].tolist() == [good, "ACGT" + good]
+    assert frame["dna_barcode"].tolist() == [good, "ACNGT" + good]  # the gap is an N (frame kept)
     assert report.rows_read == 7 and report.rows_mapped == 2
     assert report.skipped == {
         "malformed_line": 1,

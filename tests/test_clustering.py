@@ -105,7 +105,7 @@ def test_scores_equal_sklearn_and_exclude_missing():
     genus_missing = genus.copy()
     genus_missing[rng.random(n) < 0.25] = -1
     labels = {"genus": genus_missing, "species": species, "dna_bin": np.full(n, -1)}
-    out = zsc.score_clustering(pred, labels)
+    out = zsc.score_clustering(pred, labels, missing="drop")
 
     assert out["ami/species"] == adjusted_mutual_info_score(species, pred)
     assert out["ari/species"] == adjusted_rand_score(species, pred)
@@ -118,6 +118,58 @@ def test_scores_equal_sklearn_and_exclude_missing():
     assert out["ami/genus"] != adjusted_mutual_info_score(genus_missing, pred)  # -1 is not a class
     assert out["n_classes/genus"] == np.unique(genus[keep]).size
     assert np.isnan(out["ami/dna_bin"]) and out["n_used/dna_bin"] == 0 and out["n_excluded/dna_bin"] == n
+    # the other policy is on record too
+    assert out["ami_class/genus"] == adjusted_mutual_info_score(genus_missing, pred)
+
+
+def test_missing_label_is_its_own_class_by_default_as_the_reference_notebook():
+    """zs-ssl-clustering notebooks/results-BIOSCAN5M.ipynb scores adjusted_mutual_info_score on
+    cat.codes, where a missing label is -1: one more class, every record kept."""
+    rng = np.random.default_rng(3)
+    n = 300
+    pred = rng.integers(0, 12, n)
+    genus = np.where(rng.random(n) < 0.6, pred // 2, rng.integers(0, 6, n))
+    genus[rng.random(n) < 0.3] = -1
+    out = zsc.score_clustering(pred, {"genus": genus})
+    assert out["ami/genus"] == adjusted_mutual_info_score(genus, pred)
+    assert out["ari/genus"] == adjusted_rand_score(genus, pred)
+    assert out["n_used/genus"] == n and out["n_excluded/genus"] == 0
+    assert out["n_missing/genus"] == int((genus == -1).sum()) > 0
+    assert out["n_classes/genus"] == np.unique(genus).size  # -1 counted
+    keep = genus != -1
+    assert out["ami_drop/genus"] == adjusted_mutual_info_score(genus[keep], pred[keep])
+    with pytest.raises(ValueError, match="missing="):
+        zsc.score_clustering(pred, {"genus": genus}, missing="ignore")
+
+
+def test_elementwise_zscore_prenorm_is_per_partition_and_modality_as_the_reference():
+    """zs-ssl-clustering io.py::load_embeddings with prenorm='elementwise_zscore': each (partition,
+    modality) block is centred and divided by its own column std (ddof 0), then modalities are
+    concatenated along features and partitions along records."""
+    rng = np.random.default_rng(4)
+    image = rng.normal(5.0, 2.0, size=(30, 4)).astype(np.float32)
+    dna = rng.normal(-1.0, 0.5, size=(30, 3)).astype(np.float32)
+    partition = np.array(["test"] * 18 + ["test_unseen"] * 12)
+    image[18:] += 10.0  # the partitions differ in offset: per-partition statistics remove it
+
+    def reference(block):  # the reference's two lines, in float64 for comparison
+        block = block.astype(np.float64)
+        block = block - np.mean(block, axis=0)
+        return block / np.std(block, axis=0)
+
+    expected = np.concatenate([
+        np.concatenate([reference(image[:18]), reference(dna[:18])], axis=1),
+        np.concatenate([reference(image[18:]), reference(dna[18:])], axis=1)], axis=0)
+    got = zsc.prenorm_embeddings({"image": image, "dna": dna}, partition, "elementwise_zscore")
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    # one partition (None) is the whole-set z-score of each modality; 'fused' is the previous rule
+    whole = zsc.prenorm_embeddings({"dna": dna}, None, "elementwise_zscore")
+    np.testing.assert_allclose(whole, reference(dna), atol=1e-5)
+    np.testing.assert_array_equal(zsc.prenorm_embeddings({"dna": dna}, partition, "fused"), dna)
+    np.testing.assert_allclose(zsc.prenorm_embeddings({"image": image, "dna": dna}, partition, "fused"),
+                               zsc.fuse_embeddings({"image": image, "dna": dna}))
+    with pytest.raises(ValueError, match="prenorm="):
+        zsc.prenorm_embeddings({"dna": dna}, partition, "l2")
 
 
 def test_label_checks():
@@ -215,7 +267,7 @@ def _labelled_set(seed: int = 15, n: int = 240, k: int = 12, d: int = 32):
 
 def test_evaluate_result_dict_reduction_none():
     x, labels = _labelled_set()
-    out = zsc.evaluate_clustering(x, labels, encoder="enc", reduction="none")
+    out = zsc.evaluate_clustering(x, labels, encoder="enc", reduction="none", missing="drop")
     assert out["encoder"] == "enc" and out["n_records"] == 240 and out["n_features"] == 32
     assert out["n_clusters"] == out["n_species"] == 12
     assert out["reduction"] == "none"

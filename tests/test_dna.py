@@ -79,22 +79,25 @@ def test_padding_truncation_and_mask_lengths():
 
 def test_normalisation_rules():
     assert dna.normalize("acgu") == "ACGT"
-    assert dna.normalize("AC-G.T") == "ACGT"
+    # Gaps become N in place (BarcodeBERT reads them as written: their k-mers are [UNK]).
+    assert dna.normalize("AC-G.T") == "ACNGNT"
     assert dna.normalize("ACRYSWKMBDHVN") == "AC" + "N" * 11
     assert dna.normalize("ryswkmbdhvn") == "N" * 11
     assert dna.normalize("A" * 700) == "A" * 660
     assert dna.normalize("A" * 700, max_nucleotides=None) == "A" * 700
     assert dna.normalize("ACGTNNN", strip_trailing_n=True) == "ACGT"
     assert dna.normalize(b"acgt") == "ACGT"
-    # Truncation comes before stripping: trailing N of the 660-nt window go.
-    assert dna.normalize("A" * 650 + "N" * 20 + "C", strip_trailing_n=True) == "A" * 650
+    # Stripping comes before truncation, as data_split.py strips the whole barcode: N inside the
+    # 660-nt window stay when bases follow after it.
+    assert dna.normalize("A" * 650 + "N" * 20 + "C", strip_trailing_n=True) == "A" * 650 + "N" * 10
+    assert dna.normalize("A" * 650 + "N" * 20, strip_trailing_n=True) == "A" * 650
 
 
 def test_tokens_follow_normalisation():
     tok = dna.KmerTokenizer(4)
-    ids, mask = tok(["ACGT" * 3, "acgu" * 3, "AC-GT.ACGT--ACG-T", "ACRT" + "ACGT" * 2])
-    assert (ids[0] == ids[1]).all() and (ids[0] == ids[2]).all()
-    assert ids[3, :3].tolist() == [dna.UNK_ID, 29, 29]
+    ids, mask = tok(["ACGT" * 3, "acgu" * 3, "AC-T" + "ACGT" * 2, "ACRT" + "ACGT" * 2])
+    assert (ids[0] == ids[1]).all()
+    assert ids[2, :3].tolist() == ids[3, :3].tolist() == [dna.UNK_ID, 29, 29]  # the frame is kept
     assert mask.sum(axis=1).tolist() == [3, 3, 3, 3]
 
 
@@ -192,7 +195,7 @@ def test_lenient_mode_counts_invalid_characters():
     assert report2["invalid"] == {0: {"X": 2}, 2: {"é": 2, "*": 1}, 3: {"\xff": 1}}
 
 
-@pytest.mark.parametrize("missing", [None, float("nan"), pd.NA, "", "---", b""])
+@pytest.mark.parametrize("missing", [None, float("nan"), pd.NA, "", b""])
 def test_missing_barcodes_raise_with_record_name(missing):
     tok = dna.KmerTokenizer(4)
     with pytest.raises(ValueError, match=r"record 'P2' \(index 1\).*(missing|empty)"):
@@ -208,8 +211,10 @@ def test_one_record_bad_input():
     ids, mask, report = tok.tokenize(b"ACXGTACGT", names=["P9"], errors="count")
     assert report["invalid"] == {"P9": {"X": 1}} and report["invalid_chars"] == 1
     assert ids[:2].tolist() == [dna.UNK_ID, 200] and mask.sum() == 2  # ACNG, TACG
-    ids, mask, report = tok.tokenize("--", errors="count")
-    assert report["missing"] == [0] and not mask.any() and (ids == dna.UNK_ID).all()
+    ids, mask, report = tok.tokenize("--", errors="count")  # two N: no whole k-mer
+    assert report["no_tokens"] == [0] and not mask.any() and (ids == dna.UNK_ID).all()
+    with pytest.raises(ValueError, match="empty"):  # gaps and N only, stripped: nothing left
+        dna.KmerTokenizer(4, strip_trailing_n=True)(["ACGT", "-N-.-N"], names=["P1", "P2"])
     _, mask, report = tok.tokenize("ACG", errors="count")
     assert report["no_tokens"] == [0] and not mask.any()
 
@@ -218,12 +223,12 @@ def test_missing_barcodes_in_lenient_mode_are_marked():
     tok = dna.KmerTokenizer(4, add_cls=True)
     seqs = ["ACGTACGT", None, float("nan"), "", "-.-", "ACGTNN"]
     ids, mask, report = tok.tokenize(seqs, names=list("abcdef"), errors="count")
-    assert report["missing"] == ["b", "c", "d", "e"]
-    assert not mask[1:5].any()  # CLS included: nothing to attend to
+    assert report["missing"] == ["b", "c", "d"]  # "-.-" is three N: present, but no whole k-mer
+    assert not mask[1:4].any()  # CLS included: nothing to attend to
     assert (ids[1:5, 1:] == dna.UNK_ID).all()
     assert mask[0].sum() == 3 and mask[5].sum() == 2
     out, report2 = dna.normalize_batch(seqs, errors="count")
-    assert out == ["ACGTACGT", "", "", "", "", "ACGTNN"] and report2["missing"] == [1, 2, 3, 4]
+    assert out == ["ACGTACGT", "", "", "", "NNN", "ACGTNN"] and report2["missing"] == [1, 2, 3]
     # Only N is empty once trailing N are stripped.
     stripped = dna.KmerTokenizer(4, strip_trailing_n=True)
     _, mask3, report3 = stripped.tokenize(["NNNNNNNN", "ACGTACGTN"], errors="count")

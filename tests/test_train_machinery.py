@@ -111,14 +111,15 @@ def test_maybe_initialize_distributed_single_process(monkeypatch):
 
 
 def _torch_onecycle(step, total, peak, pct=0.3, div=25.0, final_div=1e4):
-    """PyTorch OneCycleLR(anneal_strategy='cos') learning rate, written out."""
+    """PyTorch OneCycleLR(anneal_strategy='cos') learning rate, written out from its get_lr: the
+    warm-up phase ends at step pct * total - 1, the annealing phase at total - 1."""
     initial, final = peak / div, peak / div / final_div
-    up = pct * total
+    up, last = pct * total - 1, total - 1
 
     def cos(a, b, frac):
         return b + (a - b) / 2 * (1 + math.cos(math.pi * frac))
 
-    return cos(initial, peak, step / up) if step <= up else cos(peak, final, (step - up) / (total - up))
+    return cos(initial, peak, step / up) if step <= up else cos(peak, final, (step - up) / (last - up))
 
 
 def test_lr_scaling_and_onecycle():
@@ -128,7 +129,7 @@ def test_lr_scaling_and_onecycle():
     assert peak_lr({"lr": 1e-3, "lr_ref_batch": 0}, 2000) == pytest.approx(1e-3)
     total = 1000
     sched = make_schedule(optim, total_steps=total, global_batch=256)
-    for s in (0, 100, 300, 301, 650, 999, 1000):
+    for s in (0, 100, 299, 300, 301, 650, 998, 999):
         assert float(sched(s)) == pytest.approx(_torch_onecycle(s, total, 4e-4), rel=1e-4, abs=1e-12), s
     assert max(float(sched(s)) for s in range(total)) == pytest.approx(4e-4, rel=1e-5)
     with pytest.raises(ValueError, match="config.optim.schedule"):

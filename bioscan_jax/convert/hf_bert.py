@@ -181,6 +181,9 @@ def set_linear(var_kernel, var_bias, read: KeyReader, key: str, kernel_shape=Non
     w, b = read(key + ".weight"), read(key + ".bias") if var_bias is not None else None
     if w is not None:
         kshape = kernel_shape or var_kernel[...].shape
+        if w.size != int(np.prod(kshape)):
+            raise ConversionError(f"{read.prefix}{key}.weight: checkpoint shape {tuple(w.shape)} does not fit the "
+                                  f"model's kernel of shape {tuple(kshape)}")
         assign(var_kernel, w.T.reshape(kshape), read.prefix + key + ".weight")
     if b is not None:
         assign(var_bias, b.reshape(var_bias[...].shape), read.prefix + key + ".bias")

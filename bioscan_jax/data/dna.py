@@ -4,15 +4,19 @@ Normalisation rules (one place, used by everything that reads a barcode):
 
 1. Missing barcodes (``None``, NaN, ``pd.NA``, ``""``) are *missing*: an error naming the
    record, or (lenient mode) an all-zero attention mask plus an entry in ``report["missing"]``.
-2. Case is ignored, ``U`` becomes ``T``, gap characters ``-`` and ``.`` are removed, and the
-   IUPAC ambiguity codes ``RYSWKMBDHV`` become ``N``.
+2. Case is ignored, ``U`` becomes ``T``, and the IUPAC ambiguity codes ``RYSWKMBDHV`` and the
+   gap characters ``-`` and ``.`` become ``N``. Gaps keep their position, so the reading frame of
+   the k-mers after them is the reference's: BarcodeBERT's tokenizer (``barcodebert/datasets.py::
+   KmerTokenizer``) reads every character as written and maps any k-mer that is not pure ACGT to
+   ``[UNK]``.
 3. Any other character is *invalid*: a ``ValueError`` naming the record, the character and its
    position, or (lenient mode, ``errors="count"``) it becomes ``N`` and is counted per record
    in ``report["invalid"]``.
-4. The sequence is truncated to ``max_nucleotides`` (660: the COI-5P barcode is ~658 bp).
-5. Optionally, trailing ``N`` are stripped (after truncation).
+4. Optionally, trailing ``N`` are stripped from the whole barcode (BarcodeBERT's
+   ``data/data_split.py`` strips before its tokenizer cuts), then
+5. the sequence is truncated to ``max_nucleotides`` (660: the COI-5P barcode is ~658 bp).
 
-A barcode that is empty after these steps (only gaps, or only ``N`` with stripping) is missing.
+A barcode that is empty after these steps (only ``N`` or gaps, with stripping) is missing.
 
 Tokenizer (BarcodeBERT's layout, :class:`KmerTokenizer`): the normalised sequence is padded
 with ``N`` to ``max_nucleotides`` and cut into k-mers with a stride (default ``k``: non-overlapping).
@@ -80,7 +84,7 @@ IGNORE_INDEX = -1
 NUCLEOTIDES = "ACGT"
 #: IUPAC ambiguity codes; each becomes ``N``.
 AMBIGUITY_CODES = "RYSWKMBDHV"
-#: Alignment gap characters; removed.
+#: Alignment gap characters; each becomes ``N`` (its position is kept).
 GAP_CHARS = "-."
 #: Every accepted character (either case): ACGT, U, N, the ambiguity codes and the gaps.
 _LETTERS = NUCLEOTIDES + "UN" + AMBIGUITY_CODES
@@ -93,8 +97,8 @@ ErrorMode = Literal["raise", "count"]
 _SPECIAL_TOKENS = {MASK_ID: "[MASK]", UNK_ID: "[UNK]"}
 _CLS_TOKEN = "[CLS]"
 
-# Byte classes of the general path: 0..3 = A, C, G, T; then N-like, gap, invalid.
-_N_CLASS, _GAP_CLASS, _INVALID_CLASS = 4, 5, 6
+# Byte classes of the general path: 0..3 = A, C, G, T; then N-like (N, IUPAC codes, gaps), invalid.
+_N_CLASS, _INVALID_CLASS = 4, 6
 
 
 def _build_byte_classes() -> np.ndarray:
@@ -105,7 +109,7 @@ def _build_byte_classes() -> np.ndarray:
     for ch in "N" + AMBIGUITY_CODES:
         table[ord(ch)] = table[ord(ch.lower())] = _N_CLASS
     for ch in GAP_CHARS:
-        table[ord(ch)] = _GAP_CLASS
+        table[ord(ch)] = _N_CLASS
     table[0] = _N_CLASS  # NUL pads the byte matrix; NULs inside a record are caught separately
     return table
 
@@ -121,7 +125,7 @@ _NORMALIZE_TABLE = str.maketrans(
         "U": "T",
         "u": "T",
         **{c: "N" for c in AMBIGUITY_CODES + AMBIGUITY_CODES.lower()},
-        **{c: None for c in GAP_CHARS},
+        **{c: "N" for c in GAP_CHARS},
     }
 )
 
@@ -237,10 +241,10 @@ def normalize(
     if not VALID_CHARS.issuperset(text):
         raise ValueError(_invalid_message(label, text))
     out = text.translate(_NORMALIZE_TABLE)
-    if max_nucleotides is not None:
-        out = out[:max_nucleotides]
     if strip_trailing_n:
         out = out.rstrip("N")
+    if max_nucleotides is not None:
+        out = out[:max_nucleotides]
     if not out:
         raise ValueError(f"{label}: DNA barcode {text[:40]!r} is empty after normalisation")
     return out
@@ -268,11 +272,11 @@ def reference_tokenize(
     """
     stride = k if stride is None else stride
     text = normalize(seq, max_nucleotides=None)  # raises on missing or invalid barcodes
-    if strip_trailing_n and not text[:max_nucleotides].rstrip("N"):
-        raise ValueError(f"record: DNA barcode {text[:40]!r} is empty after normalisation")
-    text = text[offset:][:max_nucleotides]
     if strip_trailing_n:
         text = text.rstrip("N")
+        if not text:
+            raise ValueError(f"record: DNA barcode {seq[:40]!r} is empty after normalisation")
+    text = text[offset:][:max_nucleotides]
     padded = text + "N" * (max_nucleotides - len(text))
     vocab = _kmer_dict(k)
     ids = [vocab.get(padded[i : i + k], UNK_ID) for i in range(0, max_nucleotides - k + 1, stride)]
@@ -392,8 +396,7 @@ def _classify_general(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Lookup-table classification: U, IUPAC, gaps, NULs and invalid bytes.
 
-    Returns ``t`` codes, ``is_acgt`` and the normalised lengths; gaps are removed by
-    compacting each row (a cumulative sum gives every kept byte its new column).
+    Returns ``t`` codes, ``is_acgt`` and the lengths (gaps are N-like, so lengths do not change).
     """
     classes = _BYTE_CLASSES[x]
     inside = np.arange(x.shape[1]) < lengths[:, None]
@@ -402,15 +405,6 @@ def _classify_general(
     if bad_rows.size:
         ctx.invalid_rows(bad_rows + first_row)
         classes[invalid] = _N_CLASS
-    gaps = classes == _GAP_CLASS
-    if gaps.any():
-        keep = inside & ~gaps
-        lengths = keep.sum(axis=1)
-        new_column = np.cumsum(keep, axis=1) - 1
-        r, c = np.nonzero(keep)
-        compacted = np.full_like(classes, _N_CLASS)
-        compacted[r, new_column[r, c]] = classes[r, c]
-        classes = compacted
     t = classes ^ (classes >> 1)  # A0 C1 G2 T3 -> A0 C1 G3 T2
     t &= np.uint8(3)
     return t, classes < _N_CLASS, lengths
@@ -491,6 +485,14 @@ def _write_kmer_ids(out: np.ndarray, value: np.ndarray, ok: np.ndarray) -> None:
     v += NUM_SPECIAL - UNK_ID
     v *= ok.view(np.uint8)
     np.add(v, UNK_ID, out=out)
+
+
+def _acgt_extent(u8: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Per row of a byte matrix: the length after ``rstrip('N')`` of the whole normalised barcode
+    (one past its last A/C/G/T/U, either case), whatever its length."""
+    acgt = (_BYTE_CLASSES[u8] < _N_CLASS) & (np.arange(u8.shape[1]) < lengths[:, None])
+    last = u8.shape[1] - np.argmax(acgt[:, ::-1], axis=1)
+    return np.where(acgt.any(axis=1), last, 0)
 
 
 def _strip_trailing_n(is_acgt: np.ndarray, start: int, lengths: np.ndarray) -> np.ndarray:
@@ -585,11 +587,11 @@ def _normalize_chunk(
     for start in range(0, len(rows), block):
         stop = min(start + block, len(rows))
         codes, is_acgt, lengths = _classify_block(rows, start, stop, rows.u8.shape[1], ctx)
+        if strip_trailing_n:
+            lengths = _strip_trailing_n(is_acgt, 0, lengths)
         if max_nucleotides is not None:
             report["truncated"] += int(np.count_nonzero(lengths > max_nucleotides))
             lengths = np.minimum(lengths, max_nucleotides)
-        if strip_trailing_n:
-            lengths = _strip_trailing_n(is_acgt, 0, lengths)
         _mark_empty(lengths == 0, rows, start, names, errors, report)
         chars = letters[np.where(is_acgt, codes, 4)]
         chars[np.arange(chars.shape[1]) >= lengths[:, None]] = 0
@@ -610,7 +612,8 @@ class KmerTokenizer:
       stride: step between k-mers; default ``k`` (non-overlapping); ``stride < k`` overlaps.
       max_nucleotides: sequences are truncated / padded with N to this length.
       add_cls: prepend ``[CLS]`` (id ``cls_id = 2 + 4**k = vocab_size - 1``) to every row.
-      strip_trailing_n: remove trailing N after truncation (off in BarcodeBERT's tokenizer).
+      strip_trailing_n: remove trailing N from the whole barcode before the cut to
+        ``max_nucleotides`` (BarcodeBERT strips in ``data/data_split.py``; its tokenizer does not).
 
     Attributes: ``num_tokens`` (row length T), ``vocab_size``, ``num_kmers`` (4**k),
     ``cls_id`` (``None`` without CLS).
@@ -707,11 +710,9 @@ class KmerTokenizer:
             codes, is_acgt, lengths = _classify_block(rows, start, stop, width, ctx)
             report["truncated"] += int(np.count_nonzero(lengths > self.max_nucleotides))
             lengths = lengths.astype(np.int32)
-            if self.strip_trailing_n:  # empty after normalisation is judged without offsets
-                first_len = _strip_trailing_n(is_acgt, 0, np.minimum(lengths, self.max_nucleotides))
-                _mark_empty(first_len == 0, rows, start, names, errors, report)
-            else:
-                _mark_empty(lengths == 0, rows, start, names, errors, report)
+            if self.strip_trailing_n:  # strip the whole barcode, then cut (data_split.py, then the tokenizer)
+                lengths = _acgt_extent(rows.u8[start:stop], lengths).astype(np.int32)
+            _mark_empty(lengths == 0, rows, start, names, errors, report)
             if offs is None:  # write straight into the outputs
                 self._fill(ids[start:stop, first:], mask[start:stop, first:], codes, is_acgt, lengths, 0)
                 continue
@@ -737,11 +738,9 @@ class KmerTokenizer:
         offset: int,
     ) -> None:
         """Writes the k-mer ids and mask of rows with normalised ``lengths``, from column ``offset``."""
-        n = np.minimum(lengths - offset, self.max_nucleotides)
+        n = np.minimum(lengths - offset, self.max_nucleotides)  # lengths already stripped when asked
         if offset:
             n = np.maximum(n, 0)
-        if self.strip_trailing_n:
-            n = _strip_trailing_n(is_acgt, offset, n)
         n_valid = n - (self.k - self.stride)
         n_valid //= self.stride  # (n - k) // stride + 1, and <= 0 when n < k
         value, ok = _kmer_values(codes, is_acgt, offset, self.k, self.stride, self.num_kmer_tokens)
@@ -773,8 +772,9 @@ class KmerTokenizer:
             report["invalid_chars"] = sum(counts.values())
             text = "".join(ch if ch in VALID_CHARS else "N" for ch in text)
         normalised = text.translate(_NORMALIZE_TABLE)
-        window = normalised[: self.max_nucleotides]
-        if not (window.rstrip("N") if self.strip_trailing_n else window):
+        if self.strip_trailing_n:  # the whole barcode, before the cut (data_split.py)
+            normalised = normalised.rstrip("N")
+        if not normalised:
             if errors == "raise":
                 what = "missing DNA barcode" if not text else f"DNA barcode {text[:40]!r} is empty after normalisation"
                 raise ValueError(f"{label}: {what}")
@@ -782,8 +782,6 @@ class KmerTokenizer:
             return ids, mask, report
         report["truncated"] = int(len(normalised) > self.max_nucleotides)
         part = normalised[offset:][: self.max_nucleotides]
-        if self.strip_trailing_n:
-            part = part.rstrip("N")
         padded = np.zeros((1, _ByteRows._width(self.max_nucleotides, 0)), dtype=np.uint8)
         padded[0, : len(part)] = np.frombuffer(part.encode("ascii"), dtype=np.uint8)
         codes = _T_CODES[padded]  # ``part`` holds ACGTN only

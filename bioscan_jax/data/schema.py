@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -167,8 +168,9 @@ def read_metadata(path: str | os.PathLike, *, split: str | None = None, **read_c
     if missing:
         raise ValueError(f"{path}: metadata CSV is missing column(s) {missing}; expected {list(COLUMNS)}")
     dtypes = {c: COLUMN_DTYPES[c] for c in header if c in COLUMN_DTYPES}
-    # 'chunk' and friends are strings: keep_default_na only turns empty cells into NA.
-    df = pd.read_csv(path, dtype=dtypes, keep_default_na=False, na_values=[""], **read_csv_kwargs)
+    # pandas' default NA strings ("", "NA", "N/A", "nan", "null", ...) are missing, as
+    # bioscan-dataset's load_bioscan5m_metadata reads the file; 'chunk' stays a string ("00").
+    df = pd.read_csv(path, dtype=dtypes, **read_csv_kwargs)
     bad = ~df["split"].isin(SPLITS)
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
@@ -179,6 +181,23 @@ def read_metadata(path: str | os.PathLike, *, split: str | None = None, **read_c
     if split is not None:
         df = df[df["split"].isin(resolve_split(split))].reset_index(drop=True)
     return df
+
+
+#: Record field (a TFDS feature, not a CSV column) flagging the rows :func:`first_of_barcode` keeps.
+FIRST_OF_BARCODE = "first_of_barcode"
+
+
+def first_of_barcode(barcodes: pd.Series | Sequence[Any]) -> np.ndarray:
+    """True for the first row of each barcode after ``rstrip("N")``, in row order.
+
+    BarcodeBERT's evaluation data (``data/data_split.py::split_df``, BIOSCAN-5M branch) strips
+    trailing N from ``dna_barcode`` and calls ``drop_duplicates(subset=["nucleotides"])`` (first row
+    kept) over the *whole* metadata before it forms the pretraining, fine-tuning, test and 1-NN sets.
+    The barcode is taken as written (no truncation, case kept); missing barcodes are all one value,
+    as pandas treats NaN, so only the first of them is kept.
+    """
+    text = pd.Series(barcodes, dtype="object").fillna("").astype(str).str.rstrip("N")
+    return ~text.duplicated(keep="first").to_numpy()
 
 
 def label_maps(df: pd.DataFrame, columns: Sequence[str] = LABEL_COLUMNS) -> dict[str, list[str]]:

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from bioscan_jax.data import schema
+from bioscan_jax.data.schema import FIRST_OF_BARCODE
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +29,8 @@ class Splits:
     sources: dict[str, Sequence[Mapping[str, Any]]]
     label_names: dict[str, list[str]]
     description: str
+    #: per split, what a task recorded of its size (e.g. before/after deduplication)
+    sizes: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __getitem__(self, split: str) -> Sequence[Mapping[str, Any]]:
         return self.sources[split]
@@ -56,19 +59,14 @@ class Subset(collections.abc.Sequence):
         return getitems(picked) if getitems else [self._source[i] for i in picked]
 
 
-def unique_barcodes(source: Sequence[Mapping[str, Any]]) -> np.ndarray:
-    """Indices of the first record of each distinct barcode after ``rstrip('N')`` (the
-    reference's pretraining deduplication), in source order."""
+def reference_dedup(source: Sequence[Mapping[str, Any]]) -> Sequence[Mapping[str, Any]]:
+    """The records of ``source`` that BarcodeBERT's evaluation data keeps: the first row of each
+    barcode after ``rstrip('N')`` over the *whole* metadata (``data/data_split.py::split_df``;
+    the ``first_of_barcode`` feature, :func:`bioscan_jax.data.schema.first_of_barcode`)."""
     select = getattr(source, "select", None)
-    view = select(["dna_barcode"]) if select else source
-    seen: set[str] = set()
-    keep = []
-    for i in range(len(view)):
-        key = str(view[i]["dna_barcode"]).upper().rstrip("N")
-        if key not in seen:
-            seen.add(key)
-            keep.append(i)
-    return np.asarray(keep, dtype=np.int64)
+    view = select([FIRST_OF_BARCODE]) if select else source
+    flags = np.fromiter((int(view[i][FIRST_OF_BARCODE]) for i in range(len(view))), dtype=np.int64, count=len(view))
+    return Subset(source, np.flatnonzero(flags))
 
 
 def _nonempty(value: Any) -> bool:
@@ -81,7 +79,8 @@ def open_splits(data: Any, splits: Sequence[str], *, features: Sequence[str] | N
 
     ``data.source == 'tfds'``: the ``bioscan5m`` builder config ``data.builder_config`` is
     prepared once (``data.manual_dir`` for the official files; synthetic configs generate
-    themselves, ``data.num_records`` > 0 picks a custom size) and read with
+    themselves, ``data.num_records`` > 0 picks a custom size; ``data.on_bad_record`` and
+    ``data.verify_md5`` go to the builder) and read with
     :func:`bioscan_jax.data.tfds_source.data_source`.
     ``data.source == 'bold'``: ``data.path`` (BOLD TSV or FASTA) is imported and split by species
     with :func:`bioscan_jax.data.bold.assign_species_split`.
@@ -116,7 +115,9 @@ def _open_tfds(data: Any, splits: Sequence[str], features, seed: int) -> Splits:
     if config.startswith("synthetic") and int(data.get("num_records", 0) or 0) > 0:
         config = tfds_source.synthetic_config(int(data.num_records), seed, images=config != "synthetic_dna")
     builder = tfds_source.prepare(config, data_dir=data.get("data_dir") or None,
-                                  manual_dir=data.get("manual_dir") or None)
+                                  manual_dir=data.get("manual_dir") or None,
+                                  on_bad_record=str(data.get("on_bad_record", "raise")),
+                                  verify_md5=bool(data.get("verify_md5", True)))
     available = list(builder.info.splits)
     sources = {}
     for split in splits:
@@ -132,13 +133,14 @@ def frame_records(df, maps: Mapping[str, Sequence[str]]) -> list[dict[str, Any]]
     from tfds_builder.bioscan5m import fields
 
     idx = schema.label_indices(df, maps)
+    first = schema.first_of_barcode(df["dna_barcode"])
     records = []
     columns = {c: df[c].tolist() for c in ("processid", "dna_barcode", "split")}
     names = {c: df[c].tolist() for c in schema.LABEL_COLUMNS}
     for i in range(len(df)):
         rec = {"processid": str(columns["processid"][i]),
                "dna_barcode": str(columns["dna_barcode"][i]) if _nonempty(columns["dna_barcode"][i]) else "",
-               "split": str(columns["split"][i])}
+               "split": str(columns["split"][i]), FIRST_OF_BARCODE: int(first[i])}
         for c in schema.LABEL_COLUMNS:
             rec[fields.feature_name(c)] = int(idx[c][i])
             v = names[c][i]

@@ -47,7 +47,7 @@ __all__ = [
 ]
 
 _TEXT = frozenset(fields.TEXT_FEATURES)
-_INT = frozenset(fields.INDEX_FEATURES + fields.UINT8_FEATURES + fields.INT64_FEATURES)
+_INT = frozenset(fields.INDEX_FEATURES + fields.UINT8_FEATURES + fields.INT64_FEATURES + fields.DERIVED_FEATURES)
 _FLOAT = frozenset(fields.FLOAT_FEATURES)
 
 

@@ -53,7 +53,10 @@ __all__ = [
     "check_labels",
     "cluster_embeddings",
     "evaluate_clustering",
+    "MISSING_LABEL_POLICIES",
+    "PRENORMS",
     "fuse_embeddings",
+    "prenorm_embeddings",
     "num_species",
     "reduce_embeddings",
     "score_clustering",
@@ -162,6 +165,56 @@ def fuse_embeddings(embeddings: Mapping[str, ArrayLike]) -> np.ndarray:
     return np.concatenate([p.astype(dtype, copy=False) for p in parts], axis=1)
 
 
+#: Normalisation of each model's embeddings before clustering (and before concatenating the
+#: modalities of a multi-modal spec):
+#: ``'fused'`` — none for one modality; a multi-modal spec z-scores each modality over all records
+#: (:func:`fuse_embeddings`);
+#: ``'elementwise_zscore'`` — the reference's ``--prenorm=elementwise_zscore``
+#: (zs-ssl-clustering ``io.py::load_embeddings``): every modality z-scored per feature *within each
+#: partition* (test and test_unseen separately), then modalities concatenated, then partitions;
+#: ``'none'`` — raw embeddings, concatenated as they are.
+PRENORMS = ("fused", "elementwise_zscore", "none")
+
+
+def prenorm_embeddings(embeddings: Mapping[str, ArrayLike], partition: ArrayLike | None = None,
+                       prenorm: str = "fused") -> np.ndarray:
+    """The clustered features of one spec: each modality's (n, d_m) embeddings normalised as
+    ``prenorm`` says (:data:`PRENORMS`), concatenated in mapping order. ``partition`` (n,) names
+    each record's partition (e.g. its split); ``None`` is one partition.
+
+    The reference divides by a zero std (a constant feature becomes NaN and UMAP fails); here such
+    a feature becomes 0, as :func:`zscore` does.
+    """
+    if prenorm not in PRENORMS:
+        raise ValueError(f"prenorm={prenorm!r}; valid: {', '.join(PRENORMS)}")
+    if not embeddings:
+        raise ValueError("prenorm_embeddings needs at least one modality")
+    if prenorm == "fused":
+        if len(embeddings) == 1:
+            name, x = next(iter(embeddings.items()))
+            return check_embeddings(x, name)
+        return fuse_embeddings(embeddings)
+    parts = {name: check_embeddings(x, name) for name, x in embeddings.items()}
+    rows = {name: p.shape[0] for name, p in parts.items()}
+    if len(set(rows.values())) != 1:
+        raise ValueError(f"Modalities have different numbers of records: {rows}")
+    dtype = np.result_type(*parts.values(), np.float32)
+    x = np.concatenate([p.astype(dtype, copy=False) for p in parts.values()], axis=1)
+    if prenorm == "none":
+        return x
+    n = x.shape[0]
+    groups = np.zeros(n, np.int64) if partition is None else np.unique(np.asarray(partition), return_inverse=True)[1]
+    if groups.shape != (n,):
+        raise ValueError(f"partition has shape {np.shape(partition)}, expected ({n},)")
+    out = np.empty_like(x)
+    offsets = np.cumsum([0, *(p.shape[1] for p in parts.values())])
+    for g in np.unique(groups):
+        rows_g = groups == g
+        for (name, _), lo, hi in zip(parts.items(), offsets[:-1], offsets[1:]):
+            out[rows_g, lo:hi] = zscore(x[rows_g, lo:hi], name)
+    return out
+
+
 # ----------------------------------------------------------------------------- reduction
 
 
@@ -250,24 +303,45 @@ def reduce_embeddings(
 # ----------------------------------------------------------------------------- scores
 
 
-def score_clustering(pred: ArrayLike, labels: Mapping[str, ArrayLike]) -> dict[str, float | int]:
-    """AMI and ARI of one clustering against each rank's labels, leaving out missing labels.
+#: How records without a label at a rank are scored: ``'class'`` — the missing label (-1) is one
+#: class of its own, as the reference's per-rank notebook does (zs-ssl-clustering
+#: ``notebooks/results-BIOSCAN5M.ipynb``: ``adjusted_mutual_info_score(attrs[:, i], y_pred)`` on
+#: ``cat.codes``, where NaN is -1); ``'drop'`` — such records are left out of that rank's score.
+MISSING_LABEL_POLICIES = ("class", "drop")
 
-    Returns, per rank: ``ami/<rank>``, ``ari/<rank>`` (NaN when no record is labelled),
-    ``n_used/<rank>``, ``n_excluded/<rank>`` (records with label -1) and ``n_classes/<rank>``.
+
+def score_clustering(pred: ArrayLike, labels: Mapping[str, ArrayLike], *, missing: str = "class"
+                     ) -> dict[str, float | int]:
+    """AMI and ARI of one clustering against each rank's labels.
+
+    ``missing`` (:data:`MISSING_LABEL_POLICIES`) says how records with label -1 are scored in
+    ``ami/<rank>`` and ``ari/<rank>``; the other policy's AMI is always reported too, as
+    ``ami_<policy>/<rank>`` (``ami_class`` / ``ami_drop``), so both are on record. Also per rank:
+    ``n_used/<rank>``, ``n_excluded/<rank>`` (records left out: the missing ones under ``'drop'``),
+    ``n_missing/<rank>`` and ``n_classes/<rank>`` (the missing class counts as one under ``'class'``).
+    NaN when no record is scored.
     """
+    if missing not in MISSING_LABEL_POLICIES:
+        raise ValueError(f"missing={missing!r}; valid: {', '.join(MISSING_LABEL_POLICIES)}")
     pred = np.asarray(pred)
     out: dict[str, float | int] = {}
     for rank, y in check_labels(labels, pred.shape[0]).items():
-        keep = y != MISSING_INDEX
-        n_used = int(keep.sum())
-        if n_used:
-            out[f"ami/{rank}"] = float(skm.adjusted_mutual_info_score(y[keep], pred[keep]))
-            out[f"ari/{rank}"] = float(skm.adjusted_rand_score(y[keep], pred[keep]))
-        else:
-            out[f"ami/{rank}"] = out[f"ari/{rank}"] = float("nan")
-        out[f"n_used/{rank}"] = n_used
-        out[f"n_excluded/{rank}"] = int(y.shape[0] - n_used)
+        labelled = y != MISSING_INDEX
+        scored: dict[str, np.ndarray] = {"class": np.ones_like(labelled), "drop": labelled}
+        for policy, keep in scored.items():
+            name = "" if policy == missing else f"_{policy}"
+            if keep.any():
+                out[f"ami{name}/{rank}"] = float(skm.adjusted_mutual_info_score(y[keep], pred[keep]))
+                if not name:
+                    out[f"ari/{rank}"] = float(skm.adjusted_rand_score(y[keep], pred[keep]))
+            else:
+                out[f"ami{name}/{rank}"] = float("nan")
+                if not name:
+                    out[f"ari/{rank}"] = float("nan")
+        keep = scored[missing]
+        out[f"n_used/{rank}"] = int(keep.sum())
+        out[f"n_excluded/{rank}"] = int(y.shape[0] - keep.sum())
+        out[f"n_missing/{rank}"] = int((~labelled).sum())
         out[f"n_classes/{rank}"] = int(np.unique(y[keep]).size)
     return out
 
@@ -357,6 +431,7 @@ def evaluate_clustering(
     metric: str = _METRIC,
     seed: int = 0,
     silhouette_samples: int = _SILHOUETTE_SAMPLES,
+    missing: str = "class",
 ) -> dict[str, Any]:
     """The BIOSCAN-ZSC evaluation of one encoder's embeddings; returns a flat metrics dict.
 
@@ -369,6 +444,7 @@ def evaluate_clustering(
       distance_threshold: cut the Ward tree at this merge height instead of a cluster count.
       reduction, n_components, n_neighbors, min_dist, metric, seed: see :func:`reduce_embeddings`.
       silhouette_samples: largest subsample the silhouette is computed on.
+      missing: how records without a label at a rank are scored (:data:`MISSING_LABEL_POLICIES`).
 
     Returns:
       ``encoder``, ``n_records``, ``n_features``, ``n_clusters``, ``n_species``, the reduction
@@ -406,7 +482,7 @@ def evaluate_clustering(
         seed=seed, encoder=encoder,
     )
     t0 = time.perf_counter()
-    scores = score_clustering(pred, y)
+    scores = score_clustering(pred, y, missing=missing)
     t1 = time.perf_counter()
     sil, sil_n = silhouette(reduced, pred, max_samples=silhouette_samples, seed=seed)
     t2 = time.perf_counter()

@@ -191,8 +191,15 @@ class KmerBertForMLM(nnx.Module):
         return logits.astype(jnp.float32), aux
 
 
+#: Pooling of :class:`KmerBertClassifier`: ``'mean'`` over all positions, padding included, as
+#: BarcodeBERT's fine-tuning (``barcodebert/finetuning.py::ClassificationModel.forward``:
+#: ``hidden_states[-1].mean(1)``), or ``'masked_mean'`` over the attention mask.
+POOLINGS = ("mean", "masked_mean")
+
+
 class KmerBertClassifier(nnx.Module):
-    """``bert`` → masked mean of the last hidden layer → (dropout) → ``head`` Linear(hidden → classes)."""
+    """``bert`` → mean of the last hidden layer (``pooling``: :data:`POOLINGS`) → (dropout) →
+    ``head`` Linear(hidden → classes)."""
 
     def __init__(
         self,
@@ -200,10 +207,14 @@ class KmerBertClassifier(nnx.Module):
         num_classes: int,
         *,
         head_dropout: float = 0.0,
+        pooling: str = "masked_mean",
         rngs: nnx.Rngs,
     ):
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; valid: {', '.join(POOLINGS)}")
         self.config = config
         self.num_classes = num_classes
+        self.pooling = pooling
         self.bert = KmerBert(config, rngs=rngs)
         self.head_dropout = layers.Dropout(head_dropout, rngs=rngs)
         self.head = layers.DenseGeneral(
@@ -223,8 +234,9 @@ class KmerBertClassifier(nnx.Module):
         deterministic: bool | None = None,
         **kwargs,
     ) -> tuple[Array, dict[str, Any]]:
-        _, aux = self.bert(input_ids, attention_mask, deterministic=deterministic, **kwargs)
-        pooled = self.head_dropout(aux["pooled"], deterministic=deterministic)
+        x, aux = self.bert(input_ids, attention_mask, deterministic=deterministic, **kwargs)
+        pooled = aux["pooled"] if self.pooling == "masked_mean" else x.astype(jnp.float32).mean(axis=1)
+        pooled = self.head_dropout(pooled, deterministic=deterministic)
         return self.head(pooled).astype(jnp.float32), aux
 
 

@@ -75,13 +75,39 @@ def _local_batch(batch_size: int) -> int:
     return batch_size // jax.process_count()
 
 
+def open_data(config) -> sources.Splits:
+    """The splits the task reads (pretraining, fine-tuning, test, 1-NN keys and queries), each
+    deduplicated by barcode over the whole metadata when ``data.dedup_barcodes`` (the
+    reference's ``data/data_split.py``: :func:`sources.reference_dedup`). ``sizes`` records every
+    split's size before and after."""
+    d = config.data
+    wanted = list(dict.fromkeys((sources.pretrain_split(d), d.finetune_split, d.test_split, d.probe_key_split,
+                                 d.probe_query_split)))
+    features = tuple(dict.fromkeys((*DNA_FEATURES, schema.FIRST_OF_BARCODE, *label_ranks(config))))
+    data = sources.open_splits(d, wanted, features=features, seed=config.seed)
+    sizes: dict[str, Any] = {}
+    for split in wanted:
+        records = len(data[split])
+        if d.dedup_barcodes:
+            data.sources[split] = sources.reference_dedup(data[split])
+            if len(data[split]) == 0:
+                raise ValueError(f"split {split!r} has no record left after barcode deduplication ({records} records)")
+        sizes[split] = {"records": records, "used": len(data[split])}
+    data.sizes = sizes
+    return data
+
+
+def evaluated_sets(config, data: sources.Splits) -> dict[str, dict[str, Any]]:
+    """What each metric is computed on: the split and its number of records (after dedup)."""
+    d = config.data
+    roles = {"pretrain": sources.pretrain_split(d), "finetune_train": d.finetune_split, "test": d.test_split,
+             "knn_keys": d.probe_key_split, "knn_queries": d.probe_query_split}
+    return {role: {"split": split, "records": len(data[split])} for role, split in roles.items()}
+
+
 def pretrain(config, data: sources.Splits, model_cfg, tokenizer, workdir: str) -> loop.TrainResult:
     """MLM pretraining on ``data.pretrain_split`` (deduplicated by barcode when asked)."""
     source = data[sources.pretrain_split(config.data)]
-    if config.data.dedup_pretrain:
-        keep = sources.unique_barcodes(source)
-        logger.info("pretraining on %d unique barcodes of %d records", len(keep), len(source))
-        source = sources.Subset(source, keep)
     stage = config.pretrain
     batch = stage.train.batch_size
     if len(source) < batch:
@@ -110,7 +136,8 @@ def finetune(config, data: sources.Splits, model_cfg, tokenizer, encoder: nnx.Mo
     batch = stage.train.batch_size
 
     def factory(rngs):
-        return kmer_bert.KmerBertClassifier(model_cfg, num_classes, rngs=rngs)
+        return kmer_bert.KmerBertClassifier(model_cfg, num_classes, pooling=stage.get("pooling", "masked_mean"),
+                                            rngs=rngs)
 
     warm_start = {}
     if encoder is not None:  # start the encoder from the pretrained one
@@ -164,7 +191,8 @@ def kmer_baseline(config, data: sources.Splits) -> dict[str, Any]:
     """1-NN accuracy (``probe.knn_rank``) of k-mer count vectors (cosine), keys and queries as the
     probe's."""
     k = int(config.probe.kmer_baseline_k)
-    tok = dna_lib.KmerTokenizer(k, max_nucleotides=config.data.max_nucleotides)
+    tok = dna_lib.KmerTokenizer(k, max_nucleotides=config.data.max_nucleotides,
+                                strip_trailing_n=bool(config.data.strip_trailing_n))
 
     def counts(split):
         records = data[split]
@@ -180,9 +208,14 @@ def kmer_baseline(config, data: sources.Splits) -> dict[str, Any]:
 
 
 def _linear_fit_options(config) -> dict[str, Any]:
-    """The linear probe's optimisation settings (``probe`` section), for :func:`probes.fit_linear`."""
+    """The linear probe's recipe and optimisation settings (``probe`` section), for
+    :func:`probes.linear_probe`."""
     p = config.probe
-    return dict(epochs=p.linear_epochs, lr=p.linear_lr, batch_size=p.linear_batch_size, seed=config.seed)
+    opts = dict(recipe=p.linear_recipe, epochs=p.linear_epochs, lr=p.linear_lr, batch_size=p.linear_batch_size,
+                seed=config.seed)
+    if p.linear_recipe == "reference":
+        opts.update(momentum=p.linear_momentum, weight_decay=p.linear_weight_decay)
+    return opts
 
 
 def run_probes(config, data, model_cfg, tokenizer, encoder, mesh) -> dict[str, Any]:
@@ -218,8 +251,9 @@ def probe_head(config, data, tokenizer, encoder, mesh) -> probes.LinearHead:
     ``finetune.head_init='linear_probe'`` when the probes stage did not run)."""
     emb = embed_split(config, encoder, data[config.data.finetune_split], tokenizer, mesh, pooled_embedding)
     ok = emb["species"] >= 0
-    return probes.fit_linear(emb["embedding"][ok], emb["species"][ok], num_classes=data.num_classes("species"),
-                             **_linear_fit_options(config))
+    options = _linear_fit_options(config)
+    fit = probes.fit_linear_reference if options.pop("recipe") == "reference" else probes.fit_linear
+    return fit(emb["embedding"][ok], emb["species"][ok], num_classes=data.num_classes("species"), **options)
 
 
 def finetune_accuracy(config, model, data, tokenizer, mesh) -> dict[str, Any]:
@@ -296,13 +330,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if head_init not in HEAD_INITS:
         raise ValueError(f"unknown config.finetune.head_init {head_init!r}; valid: {', '.join(HEAD_INITS)}")
     os.makedirs(workdir, exist_ok=True)
-    tokenizer = dna_lib.KmerTokenizer(model_cfg.k, max_nucleotides=config.data.max_nucleotides)
-    d = config.data
-    wanted = dict.fromkeys((sources.pretrain_split(d), d.finetune_split, d.test_split, d.probe_key_split, d.probe_query_split))
-    features = tuple(dict.fromkeys((*DNA_FEATURES, *label_ranks(config))))
-    data = sources.open_splits(d, list(wanted), features=features, seed=config.seed)
+    if config.probe.linear_recipe not in probes.LINEAR_RECIPES:
+        raise ValueError(f"unknown config.probe.linear_recipe {config.probe.linear_recipe!r}; "
+                         f"valid: {', '.join(probes.LINEAR_RECIPES)}")
+    if config.finetune.get("pooling", "masked_mean") not in kmer_bert.POOLINGS:
+        raise ValueError(f"unknown config.finetune.pooling {config.finetune.pooling!r}; "
+                         f"valid: {', '.join(kmer_bert.POOLINGS)}")
+    tokenizer = dna_lib.KmerTokenizer(model_cfg.k, max_nucleotides=config.data.max_nucleotides,
+                                      strip_trailing_n=bool(config.data.strip_trailing_n))
+    data = open_data(config)
     summary: dict[str, Any] = {"data": data.description, "model": config.model.variant, "k": model_cfg.k,
-                               "split_sizes": {s: len(data[s]) for s in wanted}}
+                               "model_config": config.model.to_dict(),
+                               "dedup_barcodes": bool(config.data.dedup_barcodes),
+                               "strip_trailing_n": bool(config.data.strip_trailing_n),
+                               "split_sizes": data.sizes, "eval_sets": evaluated_sets(config, data)}
     logger.info("data %s: %s", data.description, summary["split_sizes"])
 
     encoder = None

@@ -320,11 +320,13 @@ def _mlm_pretrain(config, setup: ClibdSetup, workdir: str) -> dict[str, Any]:
     p = config.dna_pretrain
     bb = ml_collections.ConfigDict()
     bb.seed, bb.mesh, bb.sharding_rules = config.seed, config.mesh, config.sharding_rules
-    bb.data = ml_collections.ConfigDict(dict(pretrain_split=p.split, dedup_pretrain=bool(p.dedup),
-                                             worker_count=int(config.data.worker_count)))
+    bb.data = ml_collections.ConfigDict(dict(pretrain_split=p.split, worker_count=int(config.data.worker_count)))
     bb.pretrain = ml_collections.ConfigDict(dict(train=p.train, optim=p.optim, checkpoint=p.checkpoint,
                                                  mask_prob=float(p.mask_prob), masked_only=bool(p.masked_only)))
-    data = sources.open_splits(config.data, [p.split], features=barcodebert.DNA_FEATURES, seed=config.seed)
+    data = sources.open_splits(config.data, [p.split], features=(*barcodebert.DNA_FEATURES, schema.FIRST_OF_BARCODE),
+                               seed=config.seed)
+    if p.dedup:  # one record per barcode after rstrip('N'), over the whole metadata (the reference)
+        data.sources[p.split] = sources.reference_dedup(data[p.split])
     source, missing = records_with_dna(data[p.split])
     if missing:
         logger.warning("DNA pretraining: left out %d records without a DNA barcode", missing)

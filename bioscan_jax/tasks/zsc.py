@@ -251,7 +251,6 @@ def _barcodebert_stage_config(config) -> ml_collections.ConfigDict:
     c.sharding_rules = config.sharding_rules
     c.data = dict(source=config.data.source,
                   pretrain_split=sources.pretrain_split(config.data, config.barcodebert.pretrain_split),
-                  dedup_pretrain=config.barcodebert.dedup_pretrain,
                   worker_count=config.data.worker_count)
     c.pretrain = config.barcodebert.pretrain
     return c
@@ -266,44 +265,18 @@ def pretrained_barcodebert(config, workdir: str) -> nnx.Module:
     section = config.barcodebert
     model_cfg = barcodebert.model_config(section.model)
     run_dir = os.path.join(workdir, "models", f"barcodebert_{_fingerprint([_to_dict(section), config.seed])}")
-    tokenizer = dna_lib.KmerTokenizer(model_cfg.k, max_nucleotides=config.data.max_nucleotides)
+    tokenizer = dna_lib.KmerTokenizer(model_cfg.k, max_nucleotides=config.data.max_nucleotides,
+                                      strip_trailing_n=True)
     split = sources.pretrain_split(config.data, section.pretrain_split)
-    data = sources.open_splits(config.data, [split], features=barcodebert.DNA_FEATURES,
+    data = sources.open_splits(config.data, [split], features=(*barcodebert.DNA_FEATURES, schema.FIRST_OF_BARCODE),
                                seed=config.seed)
+    if section.dedup_barcodes:  # the reference's data/data_split.py deduplication
+        data.sources[split] = sources.reference_dedup(data[split])
     t0 = time.perf_counter()
     result = barcodebert.pretrain(_barcodebert_stage_config(config), data, model_cfg, tokenizer, run_dir)
     logger.info("BarcodeBERT pretraining: %d steps (%d this run) in %.1fs, %s", result.step,
                 result.step - result.start_step, time.perf_counter() - t0, run_dir)
     return result.model().bert
-
-
-def restore_barcodebert(path: str, model_cfg: kmer_bert.KmerBertConfig, config) -> nnx.Module:
-    """The encoder of a BarcodeBERT workdir's newest pretraining checkpoint.
-
-    ``path`` is a barcodebert workdir (``<path>/pretrain/checkpoints``) or its ``pretrain``
-    directory; ``model_cfg`` must be the model it was trained with.
-    """
-    from bioscan_jax.train import optim as optim_lib
-    from bioscan_jax.train.checkpoint import Checkpointer
-    from bioscan_jax.train.state import abstract_train_state
-
-    stage_dir = next((d for d in (os.path.join(path, "pretrain"), path)
-                      if os.path.isdir(os.path.join(d, "checkpoints"))), None)
-    if stage_dir is None:
-        raise FileNotFoundError(f"no BarcodeBERT pretraining checkpoint under {path!r} "
-                                f"(expected {path}/pretrain/checkpoints or {path}/checkpoints)")
-    stage = {}
-    if os.path.exists(os.path.join(stage_dir, "config.json")):
-        with open(os.path.join(stage_dir, "config.json")) as f:
-            stage = json.load(f)
-    tx, _ = optim_lib.make_optimizer(stage.get("optim", {}), total_steps=1, global_batch=1)
-    mesh = mesh_lib.make_mesh(config.mesh)
-    factory = lambda rngs: kmer_bert.KmerBertForMLM(model_cfg, rngs=rngs)  # noqa: E731
-    setup = abstract_train_state(factory, tx, mesh, config.sharding_rules)
-    with Checkpointer(os.path.join(stage_dir, "checkpoints"), async_save=False) as ckpt:
-        state, step = ckpt.restore(setup.abstract_state)
-    logger.info("restored BarcodeBERT step %d from %s", step, stage_dir)
-    return setup.merge(state).bert
 
 
 def _kmer_bert_config(m: Any) -> kmer_bert.KmerBertConfig:
@@ -315,7 +288,9 @@ def dna_encoder(name: str, m: Any, config, workdir: str) -> Encoder:
     if m.weights == "pretrain":
         model = pretrained_barcodebert(config, workdir)
     elif m.weights == "checkpoint":
-        model = restore_barcodebert(m.path, _kmer_bert_config(m), config)
+        from bioscan_jax.convert import barcodebert as bb_load
+
+        model = bb_load.load_workdir(m.path, model_config=_kmer_bert_config(m)).model
     else:
         model = kmer_bert.KmerBert(_kmer_bert_config(m), rngs=nnx.Rngs(config.seed))
         if m.weights == "hf":
@@ -471,13 +446,15 @@ def embed_model(encoder: Encoder, source, config, mesh) -> dict[str, np.ndarray]
 # ----------------------------------------------------------------------------- data
 
 
-def split_records(source) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """The processids and label indices (``RANKS``, -1 missing) of a split, in source order."""
-    view = source.select(list(KEEP)) if hasattr(source, "select") else source
+def split_records(source) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+    """The processids, label indices (``RANKS``, -1 missing) and partition (the record's own
+    split, e.g. ``test`` or ``test_unseen``) of a split expression, in source order."""
+    view = source.select([*KEEP, "split"]) if hasattr(source, "select") else source
     rows = [view[i] for i in range(len(view))]
     processid = np.asarray([str(r["processid"]) for r in rows])
     labels = {rank: np.asarray([int(r[rank]) for r in rows], dtype=np.int64) for rank in RANKS}
-    return processid, labels
+    partition = np.asarray([str(r.get("split", "")) for r in rows])
+    return processid, labels, partition
 
 
 def check_clusterable(labels: Mapping[str, np.ndarray], split: str, config) -> int:
@@ -496,28 +473,36 @@ def check_clusterable(labels: Mapping[str, np.ndarray], split: str, config) -> i
                          f"{int(c.n_components) + 1}: use more records or config.cluster.reduction='pca'")
     if c.reduction not in clustering.REDUCTIONS:
         raise ValueError(f"config.cluster.reduction={c.reduction!r}; valid: {list(clustering.REDUCTIONS)}")
+    if c.prenorm not in clustering.PRENORMS:
+        raise ValueError(f"config.cluster.prenorm={c.prenorm!r}; valid: {list(clustering.PRENORMS)}")
+    if c.missing_labels not in clustering.MISSING_LABEL_POLICIES:
+        raise ValueError(f"config.cluster.missing_labels={c.missing_labels!r}; "
+                         f"valid: {list(clustering.MISSING_LABEL_POLICIES)}")
     return k
 
 
 # ----------------------------------------------------------------------------- evaluation
 
 
-def spec_embeddings(spec: EncoderSpec, embeddings: Mapping[str, Mapping[str, np.ndarray]]) -> np.ndarray:
-    """The clustered features of a spec: one model's embeddings, or the fused image+DNA ones."""
-    if len(spec.models) == 1:
-        return embeddings[spec.models[0]]["embedding"]
-    return clustering.fuse_embeddings({name: embeddings[name]["embedding"] for name in spec.models})
+def spec_embeddings(spec: EncoderSpec, embeddings: Mapping[str, Mapping[str, np.ndarray]],
+                    partition: np.ndarray | None = None, prenorm: str = "fused") -> np.ndarray:
+    """The clustered features of a spec: its models' embeddings normalised as ``prenorm``
+    (:data:`clustering.PRENORMS`; per ``partition`` for the reference's elementwise z-score) and
+    concatenated."""
+    return clustering.prenorm_embeddings({name: embeddings[name]["embedding"] for name in spec.models},
+                                         partition, prenorm)
 
 
-def evaluate_spec(spec: EncoderSpec, embeddings, labels, config) -> dict[str, Any]:
+def evaluate_spec(spec: EncoderSpec, embeddings, labels, config, partition: np.ndarray | None = None
+                  ) -> dict[str, Any]:
     """The clustering metrics of one spec, or ``{'error': ...}`` for bad (NaN/inf) embeddings."""
     c = config.cluster
     try:
-        x = spec_embeddings(spec, embeddings)
+        x = spec_embeddings(spec, embeddings, partition, c.prenorm)
         metrics = clustering.evaluate_clustering(
             x, labels, encoder=spec.name, reduction=c.reduction, n_components=int(c.n_components),
             n_neighbors=int(c.n_neighbors), min_dist=float(c.min_dist), seed=int(config.seed),
-            silhouette_samples=int(c.silhouette_samples))
+            silhouette_samples=int(c.silhouette_samples), missing=c.missing_labels)
     except ValueError as e:
         logger.error("%s: not clustered: %s", spec.name, e)
         return {"modality": spec.modality, "models": list(spec.models), "error": str(e)}
@@ -544,7 +529,8 @@ def _slug(name: str) -> str:
     return name.replace(":", "__").replace("/", "_")
 
 
-def make_plots(specs, results, embeddings, labels, label_names, config, workdir: str) -> list[str]:
+def make_plots(specs, results, embeddings, labels, label_names, config, workdir: str,
+               partition: np.ndarray | None = None) -> list[str]:
     """AMI-by-rank lines for every clustered spec and a 2-D UMAP per chosen spec."""
     ok = {s.name: results[s.name] for s in specs if "error" not in results[s.name]}
     paths = []
@@ -560,7 +546,7 @@ def make_plots(specs, results, embeddings, labels, label_names, config, workdir:
     n = len(labels["order"])
     for spec in (s for s in specs if s.name in chosen and s.name in ok):
         paths.append(str(clustering_plots.plot_umap_scatter(
-            spec_embeddings(spec, embeddings), labels["order"], os.path.join(plot_dir, f"umap_{_slug(spec.name)}.png"),
+            spec_embeddings(spec, embeddings, partition, config.cluster.prenorm), labels["order"], os.path.join(plot_dir, f"umap_{_slug(spec.name)}.png"),
             order_names=label_names.get("order"), seed=int(config.seed),
             n_neighbors=min(int(config.cluster.n_neighbors), n - 1), title=spec.name, encoder=spec.name)))
     return paths
@@ -581,13 +567,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     os.makedirs(workdir, exist_ok=True)
 
     split = config.data.split
-    features = ["processid", "dna_barcode", *RANKS]
+    features = ["processid", "dna_barcode", "split", *RANKS]
     if any(config.models[n].modality == "image" for n in names):
         if config.data.source == "bold":
             raise ValueError("config.data.source='bold' has no images: evaluate DNA specs only")
         features.append(fields.IMAGE)
     data = sources.open_splits(config.data, [split], features=features, seed=config.seed)
-    processid, labels = split_records(data[split])
+    processid, labels, partition = split_records(data[split])
     n_species = check_clusterable(labels, split, config)
     logger.info("%s %s: %d records, %d species", data.description, split, len(processid), n_species)
 
@@ -612,9 +598,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         logger.info("%s: %s embeddings %s in %.1fs", name, "reused" if reused else "computed",
                     arrays["embedding"].shape, embed_info[name]["seconds"])
 
-    results = {s.name: evaluate_spec(s, embeddings, labels, config) for s in specs}
+    results = {s.name: evaluate_spec(s, embeddings, labels, config, partition) for s in specs}
     table = results_table(results)
-    plots = make_plots(specs, results, embeddings, labels, data.label_names, config, workdir)
+    plots = make_plots(specs, results, embeddings, labels, data.label_names, config, workdir, partition)
     errors = {k: v["error"] for k, v in results.items() if "error" in v}
     summary = {
         "data": data.description,

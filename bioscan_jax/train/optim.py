@@ -15,10 +15,19 @@ field               default    meaning
 ``div_factor``      25.0       OneCycle: initial lr = peak / div_factor
 ``final_div_factor`` 1e4       OneCycle: final lr = initial lr / final_div_factor
 ``grad_clip``       0.0        clip by global norm when > 0
+``cycle_momentum``  False      OneCycle only: cycle Adam's beta1 inversely to the lr, as torch's
+                               ``OneCycleLR(cycle_momentum=True)`` (its default, and BarcodeBERT's)
+``base_momentum``   0.85       the lowest beta1 (reached at the lr peak)
+``max_momentum``    0.95       the highest beta1 (at the start and the end); ``b1`` is then unused
 =================== ========== ===================================================================
 
-``onecycle`` is ``optax.cosine_onecycle_schedule``, the same curve as PyTorch's
-``OneCycleLR(anneal_strategy='cos', pct_start=warmup_frac)`` (momentum is not cycled).
+``onecycle`` is PyTorch's ``torch.optim.lr_scheduler.OneCycleLR(anneal_strategy='cos',
+three_phase=False, pct_start=warmup_frac)`` step for step (:func:`onecycle`): the warm-up phase
+ends at step ``pct_start * total - 1`` and the annealing phase at ``total - 1``, as in its
+``get_lr``. BarcodeBERT (``barcodebert/pretraining.py``, ``finetuning.py``) builds it with the
+default ``cycle_momentum=True``, so Adam's beta1 goes 0.95 → 0.85 → 0.95; CLIBD turns it off.
+With momentum cycling the Adam bias correction uses the current beta1, as ``torch.optim.AdamW``
+does (``optax.inject_hyperparams``).
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import jax.numpy as jnp
 import optax
 
 
@@ -48,6 +58,28 @@ def peak_lr(optim_config: Any, global_batch: int) -> float:
     return lr
 
 
+def _cos_anneal(start, end, pct):
+    """torch ``OneCycleLR._annealing_cos``: ``end + (start - end) / 2 * (cos(pi * pct) + 1)``."""
+    return end + (start - end) / 2.0 * (jnp.cos(jnp.pi * pct) + 1.0)
+
+
+def onecycle(total_steps: int, *, start: float, peak: float, end: float, pct_start: float) -> optax.Schedule:
+    """torch's two-phase cosine OneCycle curve from ``start`` to ``peak`` to ``end`` over
+    ``total_steps`` (the same function gives the lr, with start = peak/div, end = start/final_div,
+    and the momentum, with start = max, peak = base, end = max)."""
+    warm_end = float(pct_start * total_steps) - 1.0
+    last = float(total_steps - 1)
+
+    def schedule(count):
+        step = jnp.asarray(count, jnp.float32)
+        # torch divides by (end_step - start_step); a warm-up of 0 or 1 steps divides by <= 0 there.
+        warm = _cos_anneal(start, peak, step / warm_end) if warm_end > 0 else jnp.asarray(peak, jnp.float32)
+        anneal = _cos_anneal(peak, end, (step - warm_end) / (last - warm_end)) if last > warm_end else jnp.asarray(end, jnp.float32)
+        return jnp.where(step <= warm_end, warm, anneal)
+
+    return schedule
+
+
 def make_schedule(optim_config: Any, *, total_steps: int, global_batch: int) -> optax.Schedule:
     """The learning-rate schedule over ``total_steps`` optimiser updates."""
     if total_steps <= 0:
@@ -60,9 +92,7 @@ def make_schedule(optim_config: Any, *, total_steps: int, global_batch: int) -> 
     div = float(_get(optim_config, "div_factor", 25.0))
     final_div = float(_get(optim_config, "final_div_factor", 1e4))
     if kind == "onecycle":
-        return optax.cosine_onecycle_schedule(
-            transition_steps=total_steps, peak_value=peak, pct_start=warmup_frac,
-            div_factor=div, final_div_factor=final_div)
+        return onecycle(total_steps, start=peak / div, peak=peak, end=peak / div / final_div, pct_start=warmup_frac)
     if kind == "warmup_cosine":
         warmup = int(round(warmup_frac * total_steps))
         return optax.warmup_cosine_decay_schedule(
@@ -77,11 +107,21 @@ def make_schedule(optim_config: Any, *, total_steps: int, global_batch: int) -> 
 def make_optimizer(
     optim_config: Any, *, total_steps: int, global_batch: int
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW (+ optional global-norm clipping) driven by :func:`make_schedule`."""
+    """AdamW (+ optional global-norm clipping) driven by :func:`make_schedule` (and, with
+    ``cycle_momentum``, beta1 driven by the matching OneCycle momentum curve)."""
     schedule = make_schedule(optim_config, total_steps=total_steps, global_batch=global_batch)
-    tx = optax.adamw(
+    b1: Any = float(_get(optim_config, "b1", 0.9))
+    adamw = optax.adamw
+    if bool(_get(optim_config, "cycle_momentum", False)):
+        if str(_get(optim_config, "schedule", "onecycle")).lower() != "onecycle":
+            raise ValueError("config.optim.cycle_momentum=True needs config.optim.schedule='onecycle'")
+        high, low = float(_get(optim_config, "max_momentum", 0.95)), float(_get(optim_config, "base_momentum", 0.85))
+        b1 = onecycle(total_steps, start=high, peak=low, end=high,
+                      pct_start=float(_get(optim_config, "warmup_frac", 0.3)))
+        adamw = optax.inject_hyperparams(optax.adamw)
+    tx = adamw(
         learning_rate=schedule,
-        b1=float(_get(optim_config, "b1", 0.9)),
+        b1=b1,
         b2=float(_get(optim_config, "b2", 0.999)),
         eps=float(_get(optim_config, "eps", 1e-8)),
         weight_decay=float(_get(optim_config, "weight_decay", 0.0)),

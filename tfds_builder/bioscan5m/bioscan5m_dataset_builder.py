@@ -93,6 +93,8 @@ def features_dict(with_image: bool) -> tfds.features.FeaturesDict:
         spec[name] = tfds.features.Scalar(np.uint8)
     for name in fields.INT64_FEATURES:
         spec[name] = tfds.features.Scalar(np.int64, doc="-1 = missing")
+    spec[fields.FIRST_OF_BARCODE] = tfds.features.Scalar(
+        np.uint8, doc="1 = first row of its barcode after rstrip('N') in the metadata (BarcodeBERT's dedup)")
     return tfds.features.FeaturesDict(spec)
 
 
@@ -110,8 +112,11 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       ``tfds.data_source``; ``as_dataset``/``tfds.load`` read it too, see README).
     """
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release: BIOSCAN-5M metadata, DNA barcodes, four image packages, synthetic data."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Initial release: BIOSCAN-5M metadata, DNA barcodes, four image packages, synthetic data.",
+        "1.1.0": "first_of_barcode feature (BarcodeBERT's barcode deduplication); pandas' default NA strings are missing.",
+    }
     BUILDER_CONFIGS = BUILDER_CONFIGS
     DEFAULT_CONFIG_NAME = schema.DEFAULT_IMAGE_PACKAGE
     MANUAL_DOWNLOAD_INSTRUCTIONS = f"""\

@@ -58,9 +58,14 @@ UINT8_FEATURES: tuple[str, ...] = tuple(
 INT64_FEATURES: tuple[str, ...] = tuple(
     feature_name(c) for c, dtype in schema.COLUMN_DTYPES.items() if dtype == "Int64"
 )
+#: Derived at build time over the whole metadata (not a CSV column): 1 for the first row of its
+#: barcode after ``rstrip('N')`` (:func:`bioscan_jax.data.schema.first_of_barcode`), the rows
+#: BarcodeBERT's evaluation data keeps; uint8.
+FIRST_OF_BARCODE = schema.FIRST_OF_BARCODE
+DERIVED_FEATURES: tuple[str, ...] = (FIRST_OF_BARCODE,)
 #: Every non-image feature.
 METADATA_FEATURES: tuple[str, ...] = (
-    TEXT_FEATURES + INDEX_FEATURES + FLOAT_FEATURES + UINT8_FEATURES + INT64_FEATURES
+    TEXT_FEATURES + INDEX_FEATURES + FLOAT_FEATURES + UINT8_FEATURES + INT64_FEATURES + DERIVED_FEATURES
 )
 #: Feature name -> metadata column it comes from (label indices and names both map to the label column).
 COLUMN_OF: dict[str, str] = {
@@ -68,6 +73,6 @@ COLUMN_OF: dict[str, str] = {
     **{name_feature(c): c for c in schema.LABEL_COLUMNS},
 }
 
-_covered = {COLUMN_OF[f] for f in METADATA_FEATURES}
+_covered = {COLUMN_OF[f] for f in METADATA_FEATURES if f not in DERIVED_FEATURES}
 assert _covered == set(schema.COLUMNS), sorted(set(schema.COLUMNS) - _covered)
 del _covered

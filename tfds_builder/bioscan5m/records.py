@@ -93,6 +93,8 @@ class Metadata:
     frame: pd.DataFrame
     label_names: dict[str, list[str]]
     label_indices: dict[str, np.ndarray]
+    #: per row: first row of its barcode after rstrip('N') (:func:`schema.first_of_barcode`)
+    first_of_barcode: np.ndarray
     md5: str
     num_rows_read: int
 
@@ -193,9 +195,7 @@ def read(
     with meta.open() as f:
         df = pd.read_csv(
             f,
-            dtype=str,
-            keep_default_na=False,
-            na_values=[""],
+            dtype=str,  # pandas' default NA strings are missing, as bioscan-dataset reads the file
             skiprows=sorted(bad_lines) if bad_lines else None,
         )
     num_rows_read = len(df) + len(bad_lines)
@@ -238,7 +238,9 @@ def read(
     df = df.astype({c: schema.COLUMN_DTYPES[c] for c in schema.COLUMNS})
     names = schema.label_maps(df, label_columns)
     indices = schema.label_indices(df, names, label_columns)
-    return Metadata(frame=df, label_names=names, label_indices=indices, md5=md5, num_rows_read=num_rows_read)
+    first = schema.first_of_barcode(df["dna_barcode"])
+    return Metadata(frame=df, label_names=names, label_indices=indices, first_of_barcode=first, md5=md5,
+                    num_rows_read=num_rows_read)
 
 
 # ----------------------------------------------------------------------------- examples
@@ -266,8 +268,9 @@ def iter_examples(meta: Metadata, rows: np.ndarray, *, chunk_rows: int = 4096) -
             else:  # nullable int
                 cols[column] = series.to_numpy(dtype=np.int64, na_value=schema.MISSING_INDEX)
         index_cols = {c: idx[part] for c, idx in meta.label_indices.items()}
+        first = meta.first_of_barcode[part].astype(np.uint8)
         for i in range(len(part)):
-            example = {}
+            example = {fields.FIRST_OF_BARCODE: first[i]}
             for column, values in cols.items():
                 example[fields.feature_name(column)] = values[i]
             for column, idx in index_cols.items():

@@ -1,0 +1,129 @@
+"""``bioscan-jax embed`` / ``index`` / ``identify`` end to end on real barcodes, and their bad input."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bioscan_jax import cli
+from bioscan_jax.data import bold, dna
+from bioscan_jax.eval import identify
+
+
+@pytest.fixture(scope="module")
+def real_split(real_barcodes_path, tmp_path_factory):
+    """30 species of the real barcodes: 24 seen (reference = their first 70% records), 6 unseen."""
+    tmp = tmp_path_factory.mktemp("cli")
+    raw = pd.read_csv(real_barcodes_path, sep="\t", dtype=str)
+    species = sorted(raw["species_name"].unique())[:30]
+    raw = raw[raw["species_name"].isin(species)].groupby("species_name").head(20).reset_index(drop=True)
+    seen = set(species[:24])
+    rank = raw.groupby("species_name").cumcount()
+    is_ref = raw["species_name"].isin(seen) & (rank < 14)
+    raw[is_ref].to_csv(tmp / "reference.tsv", sep="\t", index=False)
+    queries = raw[~is_ref].copy()
+    queries.to_csv(tmp / "queries.tsv", sep="\t", index=False)
+    return tmp, raw[is_ref], queries, seen
+
+
+def _run(*argv) -> int:
+    return cli.main([*map(str, argv), "--quiet"])
+
+
+def test_embed_kmer_counts_every_record_with_a_status(tmp_path, capsys):
+    fasta = tmp_path / "mine.fasta"
+    fasta.write_text(">a\nACGTACGTAC\nGTACGT\n>b\nNNNNNNNN\n>c\n\n>d\nACGXACGTACGT\n>e\nAC\n")
+    assert _run("embed", "--model", "kmer:3", "--input", fasta, "--out", tmp_path / "out.npz") == 0
+    with np.load(tmp_path / "out.npz") as z:
+        assert z["ids"].tolist() == ["a", "b", "c", "d", "e"]
+        status = z["status"].tolist()
+        emb = z["embeddings"]
+    assert status[0] == "ok" and status[1] == "no valid bases" and status[2] == "no barcode"
+    assert status[3] == "ok (1 invalid characters read as N)" and status[4] == "no complete k-mer"
+    assert emb.shape == (5, 64) and np.isnan(emb[1:3]).all() and np.isnan(emb[4]).all()
+    ids, mask = dna.KmerTokenizer(3, stride=1, strip_trailing_n=True)("ACGTACGTACGTACGT")
+    counts = dna.kmer_counts(np.where(mask, ids, dna.UNK_ID)[None], 3, dtype=np.float32)[0]
+    np.testing.assert_allclose(emb[0], counts / counts.sum())
+    assert "2 without an embedding" not in capsys.readouterr().out  # 3 of them
+
+
+def test_identify_with_kmer_finds_seen_species_and_flags_unseen(real_split, tmp_path):
+    tmp, ref, queries, seen = real_split
+    out = tmp_path / "pred.tsv"
+    assert _run("identify", "--model", "kmer:5", "--reference", tmp / "reference.tsv", "--input",
+                tmp / "queries.tsv", "--out", out) == 0
+    pred = pd.read_csv(out, sep="\t", dtype=str, keep_default_na=False).set_index("id")
+    assert list(pred.columns) == ["order", "order_similarity", "family", "family_similarity", "genus",
+                                  "genus_similarity", "species", "species_similarity", "nearest_id",
+                                  "novel_score", "novel", "status"]
+    assert len(pred) == len(queries) and (pred["status"] == "ok").all()
+    truth = queries.set_index("processid")
+    known = truth.index[truth["species_name"].isin(seen)]
+    assert (pred.loc[known, "species"] == truth.loc[known, "species_name"]).mean() >= 0.98
+    novel = ~truth["species_name"].isin(seen)
+    assert (pred.loc[truth.index[novel], "novel"] == "true").mean() > 0.7  # 79% here
+    assert (pred.loc[known, "novel"] == "false").mean() > 0.8
+    report = json.loads((tmp_path / "pred.tsv.json").read_text())
+    assert report["reference_records"] == len(ref) and 0.5 < report["novelty"]["auroc"] <= 1.0
+
+
+def test_index_then_identify_gives_the_same_predictions(real_split, tmp_path):
+    tmp, _, _, _ = real_split
+    assert _run("index", "--model", "kmer:4", "--reference", tmp / "reference.tsv", "--out", tmp_path / "idx") == 0
+    reference = identify.Reference.load(tmp_path / "idx")
+    assert reference.model["spec"] == "kmer:4" and reference.embeddings.shape[1] == 256
+    assert _run("identify", "--reference", tmp_path / "idx", "--input", tmp / "queries.tsv",
+                "--out", tmp_path / "a.tsv") == 0
+    assert _run("identify", "--model", "kmer:4", "--reference", tmp / "reference.tsv", "--input",
+                tmp / "queries.tsv", "--out", tmp_path / "b.tsv") == 0
+    a = pd.read_csv(tmp_path / "a.tsv", sep="\t")
+    b = pd.read_csv(tmp_path / "b.tsv", sep="\t")
+    pd.testing.assert_frame_equal(a, b)
+    assert _run("identify", "--model", "kmer:5", "--reference", tmp_path / "idx", "--input", tmp / "queries.tsv",
+                "--out", tmp_path / "c.tsv") == 1  # another model than the index's
+
+
+def test_calibration_separates_held_out_species():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(12, 16))
+    species = np.repeat([f"s{i}" for i in range(12)], 10)
+    emb = (centres.repeat(10, axis=0) + 0.05 * rng.normal(size=(120, 16))).astype(np.float32)
+    ref = identify.Reference(ids=np.arange(120).astype(str), embeddings=emb,
+                             labels={r: species for r in identify.RANKS}, model={"spec": "test"})
+    cal = identify.calibrate_novelty(ref, seed=1)
+    assert cal["auroc"] > 0.95 and cal["held_out_species"] == 2 and cal["novel_queries"] == 20
+    assert cal["known_queries"] == 20 and cal["keys"] == 80 and cal["recall"] > 0.9
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "empty"),
+    (gzip.compress(b"processid\tnucleotides\nA\tACGT\n"), "gzip"),
+    (b"processid\tcolour\nA\tred\n", "no barcode column.*columns found: processid, colour"),
+    (b"id,dna_barcode\nA,ACGT\nA,ACGT\n", "'A' appears more than once"),
+])
+def test_bad_input_files_fail_with_one_line(tmp_path, capsys, content, message):
+    path = tmp_path / "input.tsv"
+    path.write_bytes(content)
+    assert _run("embed", "--model", "kmer:3", "--input", path, "--out", tmp_path / "o.npz") == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and pytest.importorskip("re").search(message, err), err
+
+
+def test_unknown_model_spec_says_what_a_spec_is(tmp_path, capsys):
+    path = tmp_path / "q.csv"
+    path.write_text("id,dna_barcode\nA,ACGTACGT\n")
+    assert _run("embed", "--model", "no/such/model", "--input", path, "--out", tmp_path / "o.npz") == 1
+    assert "A SPEC is kmer:K" in capsys.readouterr().err
+
+
+def test_reference_without_a_rank_column_is_named(tmp_path, capsys, real_barcodes_path):
+    raw = pd.read_csv(real_barcodes_path, sep="\t", dtype=str).head(30)
+    raw.drop(columns=["family_name"]).to_csv(tmp_path / "ref.tsv", sep="\t", index=False)
+    frame, _ = bold.read(tmp_path / "ref.tsv")
+    assert frame["family"].isna().all()  # the import keeps the rank, empty
+    with pytest.raises(ValueError, match="no order column"):
+        identify.labels_of(frame.drop(columns=["order"]))

@@ -202,6 +202,10 @@ def _clibd_spec(config, text_vocab: int) -> StepSpec:
     from bioscan_jax.models import towers
     from bioscan_jax.tasks import clibd
 
+    if config.model.text.get("tokenizer", ""):  # a WordPiece vocabulary: bert-small's 30,522 entries
+        from bioscan_jax.models import text as text_model
+
+        text_vocab = text_model.get_variant(config.model.text.variant).vocab_size
     mcfg = clibd.model_config(config, text_vocab_size=text_vocab)
     batch = int(config.train.batch_size)
     shapes: dict[str, tuple[tuple[int, ...], Any]] = {}

@@ -69,9 +69,12 @@ def get_config(arg=None):
         # KmerBert variant + overrides; init: '' | 'mlm' | BarcodeBERT workdir | HF checkpoint.
         dna=dict(variant="tiny", init="",
                  overrides=dict(k=6, hidden_size=64, num_layers=1, num_heads=2, intermediate_size=256)),
-        # Text encoder variant + overrides (vocab_size comes from the taxonomy vocabulary).
-        text=dict(variant="tiny", max_length=text_max_length(),
+        # Text encoder variant + overrides; tokenizer: '' (words of the training taxonomy) or a
+        # WordPiece vocab.txt / model directory / hub id; init: '' or HF BertModel weights.
+        text=dict(variant="tiny", max_length=text_max_length(), tokenizer="", init="",
                   overrides=dict(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=256)),
+        # 'masked_mean' (ours) or 'reference' (CLIBD's own tower outputs; models/towers.py).
+        tower_mode="masked_mean",
     )
 
     c.loss = dict(
@@ -119,9 +122,17 @@ def get_config(arg=None):
         c.data.read_threads = 16
         c.data.prefetch = 2            # per worker; a float32 batch of 2000 images at 224 px is 1.2 GB
         c.model.embed_dim = 768
-        c.model.image = dict(variant="B/16", init="", init_format="hf", overrides=dict())
-        c.model.dna = dict(variant="5_12_12", init="", overrides=dict())
-        c.model.text = dict(variant="bert-small", max_length=text_max_length(), overrides=dict())
+        c.model.tower_mode = "reference"
+        # The pretrained encoders CLIBD starts from (bioscanclip/model/simple_clip.py::load_clip_model):
+        # timm 'vit_base_patch16_224' with pretrained=True, i.e. timm 1.0.x's default tag (CLIBD pins
+        # timm~=1.0.9); BarcodeBERT v1 5-12-12 (global_config.yaml: ckpt/BarcodeBERT/5_mer/model_41.pth,
+        # a v1 state dict with the 4**5 + 3 vocabulary); prajjwal1/bert-small and its WordPiece vocab.
+        c.model.image = dict(variant="B/16", init="timm/vit_base_patch16_224.augreg2_in21k_ft_in1k",
+                             init_format="timm", overrides=dict(layer_norm_eps=1e-6))
+        c.model.dna = dict(variant="5_12_12", init="bioscan-ml/clibd:ckpt/BarcodeBERT/5_mer/model_41.pth",
+                           overrides=dict(vocab_size=4**5 + 3))
+        c.model.text = dict(variant="bert-small", max_length=text_max_length(), tokenizer="prajjwal1/bert-small",
+                            init="prajjwal1/bert-small", overrides=dict())
         c.train = dict(batch_size=2000, accum_steps=1, bf16=True, steps=0, epochs=20, log_every=100,
                        eval_every=0, progress_bar=True, tensorboard=True)
         c.optim = dict(lr=5e-5, lr_ref_batch=500, weight_decay=0.01, warmup_frac=0.3, schedule="onecycle",

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates .venv (if needed), installs bioscan-jax with the test, tf and torch extras, runs pytest.
+# Creates .venv (if needed), installs bioscan-jax with the test, tf, torch and hub extras, runs pytest.
 # Usage: bash scripts/test.sh [pytest args...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,7 +10,7 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 # The CPU build of torch (the `torch` extra) is pinned here: an unpinned torch pulls a multi-GB CUDA build.
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[test,tf,torch]"
+.venv/bin/python -m pip install -q -e ".[test,tf,torch,hub]"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=3
 set +e
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

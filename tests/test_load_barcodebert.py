@@ -19,6 +19,8 @@ import pytest
 from bioscan_jax.convert import barcodebert as bb_load
 from bioscan_jax.convert.hf_bert import ConversionError
 
+from _references import bioscan5m_tokens  # noqa: E402
+
 pytestmark = pytest.mark.torch
 
 torch = pytest.importorskip("torch")
@@ -73,22 +75,9 @@ def v1_reference_embedding(model, seqs, k) -> np.ndarray:
     return hidden.mean(1).numpy()
 
 
-def bioscan5m_reference_tokens(seq: str, k: int, max_len: int = 660):
-    """``data/data_split.py`` rstrip("N"), then ``barcodebert/datasets.py::KmerTokenizer``."""
-    vocab = {"".join(p): 2 + i for i, p in enumerate(itertools.product("ACGT", repeat=k))}
-    x = seq.rstrip("N")
-    att = [1] * (max_len // k)
-    if len(x) > max_len:
-        x = x[:max_len]
-    else:
-        att[len(x) // k:] = [0] * (len(att) - len(x) // k)
-        x = x + "N" * (max_len - len(x))
-    return [vocab.get(x[i:i + k], 1) for i in range(0, len(x) - k + 1, k)], att
-
-
 def bioscan5m_reference_embedding(model, seqs, k) -> np.ndarray:
     """``barcodebert/datasets.py::representations_from_df``: masked mean of the last layer."""
-    toks = [bioscan5m_reference_tokens(s, k) for s in seqs]
+    toks = [bioscan5m_tokens(s, k) for s in seqs]
     ids = torch.tensor([t[0] for t in toks])
     att = torch.tensor([t[1] for t in toks])
     with torch.no_grad():

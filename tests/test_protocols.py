@@ -25,6 +25,8 @@ from configs import barcodebert as barcodebert_config
 from configs import zsc as zsc_config
 from tfds_builder.bioscan5m import make_dummy_data
 
+from _references import bioscan5m_tokens  # noqa: E402
+
 REPO_ROOT = epath.Path(__file__).resolve().parents[1]
 DUMMY_CSV = epath.Path(make_dummy_data.DUMMY_DIR) / schema.METADATA_RELPATH
 
@@ -114,23 +116,6 @@ def test_pandas_default_na_strings_are_missing_as_bioscan_dataset_reads_them(tmp
 # ----------------------------------------------------------------------------- tokenisation
 
 
-def reference_kmer_tokens(barcode: str, k: int, max_len: int = 660) -> tuple[list[int], list[int]]:
-    """``data_split.py`` (rstrip N) then ``barcodebert/datasets.py::KmerTokenizer.__call__`` with
-    padding, offset 0: att_mask 1 for the first len(x)//k tokens, N padding, any k-mer that is not
-    pure ACGT → [UNK] (1), ACGT k-mers 2 + product index."""
-    import itertools
-
-    vocab = {"".join(p): 2 + i for i, p in enumerate(itertools.product("ACGT", repeat=k))}
-    x = barcode.rstrip("N")
-    att = [1] * (max_len // k)
-    if len(x) > max_len:
-        x = x[:max_len]
-    else:
-        att[len(x) // k:] = [0] * (len(att) - len(x) // k)
-        x = x + "N" * (max_len - len(x))
-    return [vocab.get(x[i:i + k], 1) for i in range(0, len(x) - k + 1, k)], att
-
-
 def test_trailing_n_are_padding_and_gaps_keep_the_frame_as_the_reference(real_barcodes_path):
     """Items 2 and 9 on real barcodes with trailing N, internal gaps and N added."""
     frame = pd.read_csv(real_barcodes_path, sep="\t", dtype=str)
@@ -142,7 +127,7 @@ def test_trailing_n_are_padding_and_gaps_keep_the_frame_as_the_reference(real_ba
         tok = dna.KmerTokenizer(k, strip_trailing_n=True)
         ids, mask = tok(seqs)
         for i, s in enumerate(seqs):
-            ref_ids, ref_mask = reference_kmer_tokens(s, k)
+            ref_ids, ref_mask = bioscan5m_tokens(s, k)
             assert ids[i].tolist() == ref_ids, (k, i)
             assert mask[i].astype(int).tolist() == ref_mask, (k, i)
 

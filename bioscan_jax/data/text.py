@@ -28,6 +28,47 @@ PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(len(SPECIAL_TOKENS))
 MAX_LENGTH = 20
 
 
+class WordPieceVocab:
+    """A BERT WordPiece tokenizer (``vocab.txt``, lower-cased: ``prajjwal1/bert-small``'s), with the
+    :class:`TaxonomyVocab` interface: CLIBD's text input (``dataset.py::Dataset_for_CL``:
+    ``tokenizer([text], padding="max_length", max_length=20, truncation=True)``), ``[CLS] ...
+    [SEP]`` then ``[PAD]``. Built with the ``tokenizers`` library; picklable (rebuilt from the file)."""
+
+    def __init__(self, vocab_file: str, max_length: int = MAX_LENGTH, lowercase: bool = True):
+        self.vocab_file, self.max_length, self.lowercase = str(vocab_file), int(max_length), bool(lowercase)
+        self._tok = None
+
+    def _tokenizer(self):
+        if self._tok is None:
+            from tokenizers import BertWordPieceTokenizer
+
+            tok = BertWordPieceTokenizer(self.vocab_file, lowercase=self.lowercase)
+            pad = tok.token_to_id(PAD)
+            if pad is None:
+                raise ValueError(f"{self.vocab_file}: no {PAD} token in the WordPiece vocabulary")
+            tok.enable_truncation(self.max_length)
+            tok.enable_padding(length=self.max_length, pad_id=pad, pad_token=PAD)
+            self._tok = tok
+        return self._tok
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_tok"} | {"_tok": None}
+
+    def __len__(self) -> int:
+        return self._tokenizer().get_vocab_size()
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self)
+
+    def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids int32 [B, max_length], attention_mask bool [B, max_length])``."""
+        encoded = self._tokenizer().encode_batch(list(texts))
+        ids = np.asarray([e.ids for e in encoded], dtype=np.int32).reshape(len(texts), self.max_length)
+        mask = np.asarray([e.attention_mask for e in encoded], dtype=bool).reshape(len(texts), self.max_length)
+        return ids, mask
+
+
 def taxonomy_texts(records: Sequence[Mapping[str, Any]], ranks: Sequence[str] = schema.EVAL_RANKS) -> list[str]:
     """The taxonomy string of each record (normalised records: ``<rank>_name`` is ``str``, ``''`` = missing)."""
     frame = pd.DataFrame(

@@ -95,16 +95,24 @@ def identify(reference: Reference, ids: Sequence[str], embedded, *, threshold: f
     q = embedded.embeddings[ok]
     rows: dict[str, Any] = {"id": np.asarray(ids, dtype=str)}
     n = len(rows["id"])
+    searches: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}  # one search per distinct key set
+
+    def top1(mask: np.ndarray):
+        key = np.packbits(mask).tobytes()
+        if key not in searches:
+            searches[key] = _top1(q, reference.embeddings, None if mask.all() else mask)
+        return searches[key]
+
     for rank in RANKS:
         labelled = reference.labels[rank] != ""
         pred, sim = np.full(n, "", dtype=object), np.full(n, np.nan)
         if ok.any() and labelled.any():
-            i, s = _top1(q, reference.embeddings, labelled)
+            i, s = top1(labelled)
             pred[ok], sim[ok] = reference.labels[rank][i], s
         rows[rank], rows[f"{rank}_similarity"] = pred, sim
     nearest = np.full(n, "", dtype=object)
     if ok.any():
-        i, _ = _top1(q, reference.embeddings)
+        i, _ = top1(np.ones(len(reference.ids), bool))
         nearest[ok] = reference.ids[i]
     rows["nearest_id"] = nearest
     score = 1.0 - rows["species_similarity"]

@@ -24,6 +24,18 @@ over ``fsdp``, the shared dimension is replicated.
 
 Pretrained encoders are loaded into a built model with :func:`load_encoder_state` (an
 ``nnx.State`` of encoder parameters, e.g. a BarcodeBERT MLM checkpoint's ``bert``).
+
+``ClibdConfig.tower_mode`` picks the pooling (:data:`TOWER_MODES`):
+
+* ``'masked_mean'`` (ours, the tiny default): the table above;
+* ``'reference'`` — CLIBD's own towers (bioscan-ml/clibd ``bioscanclip/model``): the DNA tower
+  (``dna_encoder.py::CLIBDDNAEncoder``) prepends id 0 to the k-mer ids, runs BERT without an
+  attention mask, applies the MLM transform (dense + GELU + LayerNorm, ``transform``) and a
+  decoder Linear(hidden → embed_dim) (``projection``), then softmax over the output dimension and
+  the mean over all tokens; the text tower (``language_encoder.py::CLIBDLanguageEncoder``) takes
+  the mean of the last hidden layer over all positions, padding included (attention still masked),
+  then ``proj``; the image tower is the same (timm's CLS token after the final norm, head as the
+  projection; LayerNorm eps 1e-6 comes with the ViT config).
 """
 
 from __future__ import annotations
@@ -49,6 +61,8 @@ INPUT_KEYS: dict[str, tuple[str, ...]] = {
     "dna": ("dna_ids", "dna_attention_mask"),
     "text": ("text_ids", "text_attention_mask"),
 }
+#: Tower poolings (module docstring).
+TOWER_MODES: tuple[str, ...] = ("masked_mean", "reference")
 #: CLIP's initial logit scale, log(1 / 0.07).
 INIT_LOG_SCALE: float = math.log(1 / 0.07)
 
@@ -64,8 +78,11 @@ class ClibdConfig:
     init_log_scale: float = INIT_LOG_SCALE
     learnable_scale: bool = True
     param_dtype: Any = jnp.float32
+    tower_mode: str = "masked_mean"
 
     def __post_init__(self):
+        if self.tower_mode not in TOWER_MODES:
+            raise ValueError(f"unknown tower_mode {self.tower_mode!r}; valid: {', '.join(TOWER_MODES)}")
         if not self.modalities:
             raise ValueError("a CLIBD model needs at least one tower (image, dna or text)")
         if self.embed_dim < 1:
@@ -109,28 +126,58 @@ class ImageTower(nnx.Module):
         return l2_normalize(self.projection(pooled)), {"pooled": pooled}
 
 
-class DnaTower(nnx.Module):
-    """BarcodeBERT → masked mean of the last hidden layer → Linear → L2 normalisation."""
+class MlmTransform(nnx.Module):
+    """HF ``BertPredictionHeadTransform``: dense (hidden → hidden) → GELU (erf) → LayerNorm."""
 
-    def __init__(self, config: kmer_bert.KmerBertConfig, embed_dim: int, *, rngs: nnx.Rngs):
+    def __init__(self, config: kmer_bert.KmerBertConfig, *, rngs: nnx.Rngs):
+        self.dense = layers.DenseGeneral(
+            config.hidden_size, config.hidden_size, kernel_axes=("embed", None),
+            kernel_init=nnx.initializers.normal(config.initializer_range), dtype=config.dtype,
+            param_dtype=config.param_dtype, rngs=rngs)
+        self.norm = layers.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, dtype=config.dtype,
+                                     param_dtype=config.param_dtype, rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        return self.norm(jax.nn.gelu(self.dense(x), approximate=False))
+
+
+class DnaTower(nnx.Module):
+    """BarcodeBERT → pooling (``mode``, module docstring) → Linear → L2 normalisation."""
+
+    def __init__(self, config: kmer_bert.KmerBertConfig, embed_dim: int, *, mode: str = "masked_mean",
+                 rngs: nnx.Rngs):
+        self.mode = mode
         self.encoder = kmer_bert.KmerBert(config, rngs=rngs)
+        self.transform = MlmTransform(config, rngs=rngs) if mode == "reference" else nnx.data(None)
         self.projection = _projection(config.hidden_size, embed_dim, config.param_dtype, rngs)
 
     def __call__(self, ids: Array, attention_mask: Array, *, deterministic: bool | None = None):
+        if self.mode == "reference":
+            # CLIBDDNAEncoder: [0, *ids] (dna_encoder.py::get_sequence_pipeline), no attention mask,
+            # BERT MLM transform + decoder to embed_dim, softmax, mean over every token.
+            ids = jnp.concatenate([jnp.zeros_like(ids[:, :1]), ids], axis=1)
+            hidden, _ = self.encoder(ids, None, deterministic=deterministic)
+            logits = self.projection(self.transform(hidden).astype(self.projection.kernel.dtype))
+            pooled = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).mean(axis=1)
+            return l2_normalize(pooled), {"pooled": hidden.astype(jnp.float32).mean(axis=1)}
         _, aux = self.encoder(ids, attention_mask, deterministic=deterministic)
         pooled = aux["pooled"]
         return l2_normalize(self.projection(pooled.astype(self.projection.kernel.dtype))), {"pooled": pooled}
 
 
 class TextTower(nnx.Module):
-    """Taxonomy-text BERT → masked mean of the last hidden layer → Linear → L2 normalisation."""
+    """Taxonomy-text BERT → mean of the last hidden layer (``mode``: over the attention mask, or
+    over all positions as CLIBD) → Linear → L2 normalisation."""
 
-    def __init__(self, config: text.TextConfig, embed_dim: int, *, rngs: nnx.Rngs):
+    def __init__(self, config: text.TextConfig, embed_dim: int, *, mode: str = "masked_mean", rngs: nnx.Rngs):
+        self.mode = mode
         self.encoder = text.TextEncoder(config, rngs=rngs)
         self.projection = _projection(config.hidden_size, embed_dim, config.param_dtype, rngs)
 
     def __call__(self, ids: Array, attention_mask: Array, *, deterministic: bool | None = None):
-        pooled, _ = self.encoder(ids, attention_mask, deterministic=deterministic)
+        pooled, aux = self.encoder(ids, attention_mask, deterministic=deterministic)
+        if self.mode == "reference":  # CLIBDLanguageEncoder: last_hidden_state.mean(dim=1)
+            pooled = aux["hidden"].astype(jnp.float32).mean(axis=1)
         return l2_normalize(self.projection(pooled.astype(self.projection.kernel.dtype))), {"pooled": pooled}
 
 
@@ -140,8 +187,9 @@ class ClibdModel(nnx.Module):
     def __init__(self, config: ClibdConfig, *, rngs: nnx.Rngs):
         self.config = c = config
         self.image = ImageTower(c.image, c.embed_dim, rngs=rngs) if c.image is not None else nnx.data(None)
-        self.dna = DnaTower(c.dna, c.embed_dim, rngs=rngs) if c.dna is not None else nnx.data(None)
-        self.text = TextTower(c.text, c.embed_dim, rngs=rngs) if c.text is not None else nnx.data(None)
+        mode = c.tower_mode
+        self.dna = DnaTower(c.dna, c.embed_dim, mode=mode, rngs=rngs) if c.dna is not None else nnx.data(None)
+        self.text = TextTower(c.text, c.embed_dim, mode=mode, rngs=rngs) if c.text is not None else nnx.data(None)
         scale = jnp.asarray(c.init_log_scale, jnp.float32)
         self.log_scale = nnx.Param(scale) if c.learnable_scale else FixedLogScale(scale)
 
@@ -203,3 +251,18 @@ def load_encoder_state(model: ClibdModel, modality: str, state: nnx.State | Mapp
         raise ValueError(f"pretrained {modality} encoder does not match the tower: {diff[:10]}")
     target.replace_by_pure_dict(pure)
     nnx.update(encoder, target)
+
+
+def load_dna_transform(model: ClibdModel, state: Mapping[str, Any]) -> None:
+    """Copies a pretrained MLM transform (``{'dense': {kernel, bias}, 'norm': {scale, bias}}``,
+    e.g. BarcodeBERT's ``cls.predictions.transform``) into a reference-mode DNA tower."""
+    tower = getattr(model, "dna", None)
+    if tower is None or tower.transform is None:
+        raise ValueError("the model has no reference-mode DNA tower (tower_mode='reference') to take an MLM transform")
+    for module, name in ((tower.transform.dense, "dense"), (tower.transform.norm, "norm")):
+        for field, value in state[name].items():
+            var = getattr(module, field)
+            if tuple(jnp.shape(value)) != tuple(var[...].shape):
+                raise ValueError(f"MLM transform {name}.{field}: checkpoint shape {tuple(jnp.shape(value))} != "
+                                 f"tower shape {tuple(var[...].shape)}")
+            var[...] = jnp.asarray(value, var[...].dtype)

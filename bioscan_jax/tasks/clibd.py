@@ -122,7 +122,8 @@ def model_config(config, *, text_vocab_size: int | None = None) -> towers.ClibdC
         text = text_model.get_variant(m.text.variant, **over)
     return towers.ClibdConfig(
         image=image, dna=dna, text=text, embed_dim=int(m.embed_dim),
-        init_log_scale=float(config.loss.init_log_scale), learnable_scale=bool(config.loss.learnable_scale))
+        init_log_scale=float(config.loss.init_log_scale), learnable_scale=bool(config.loss.learnable_scale),
+        tower_mode=str(m.get("tower_mode", "masked_mean")))
 
 
 # ============================================================================= data
@@ -161,6 +162,24 @@ def records_with_dna(source: Sequence[Mapping[str, Any]]) -> tuple[Sequence[Mapp
     if len(keep) == 0:
         raise ValueError("no training record has a DNA barcode")
     return sources.Subset(source, keep), missing
+
+
+def wordpiece_vocab(config) -> text_lib.WordPieceVocab | None:
+    """The WordPiece tokenizer ``config.model.text.tokenizer`` names (a ``vocab.txt``, a model
+    directory holding one, or a hub id such as ``prajjwal1/bert-small``), or None for the word
+    vocabulary of the training taxonomy."""
+    spec = str(config.model.text.get("tokenizer", "") or "")
+    if not spec:
+        return None
+    from bioscan_jax.convert import hub
+
+    path = hub.resolve(spec if not hub.is_hub_id(spec) or ":" in spec else f"{spec}:vocab.txt",
+                       what="config.model.text.tokenizer")
+    if path.is_dir():
+        path = path / "vocab.txt"
+    if not path.exists():
+        raise FileNotFoundError(f"config.model.text.tokenizer: no WordPiece vocabulary at {path}")
+    return text_lib.WordPieceVocab(str(path), max_length=int(config.model.text.max_length))
 
 
 def build_vocab(config, data: sources.Splits) -> text_lib.TaxonomyVocab:
@@ -202,7 +221,10 @@ def prepare(config, workdir: str | None = None, *, splits: Sequence[str] | None 
             if n_without_dna:
                 logger.warning("left out %d training records without a DNA barcode", n_without_dna)
     vocab_path = os.path.join(workdir, VOCAB_FILE) if workdir else None
-    if vocab_path and os.path.exists(vocab_path):
+    vocab = wordpiece_vocab(config)
+    if vocab is not None:
+        pass
+    elif vocab_path and os.path.exists(vocab_path):
         vocab = text_lib.TaxonomyVocab.load(vocab_path)  # a resumed run keeps its vocabulary
     else:
         vocab = build_vocab(config, data)
@@ -296,21 +318,33 @@ def restore_params(checkpoint_dir: str, step: int | None = None) -> dict[str, An
 
 
 def _kmer_bert_state(path: str, cfg: kmer_bert.KmerBertConfig) -> dict[str, Any]:
-    """DNA encoder parameters from a BarcodeBERT run (MLM or fine-tuned: its ``bert``), a CLIBD
-    run (its DNA tower's encoder), or an HF BERT checkpoint."""
+    """DNA encoder parameters (and, when the checkpoint has one, its MLM transform as
+    ``'transform'``) from a run of this project (BarcodeBERT: its ``bert``; CLIBD: its DNA tower's
+    encoder) or a released BarcodeBERT checkpoint in any format
+    (:func:`bioscan_jax.convert.barcodebert.load`; a hub id is resolved first)."""
     ckpt_dir = _checkpoint_dir(path)
     if ckpt_dir is not None:
         params = restore_params(ckpt_dir)
         if "bert" in params:
-            return params["bert"]
+            return {"encoder": params["bert"]}
         if isinstance(params.get("dna"), Mapping) and "encoder" in params["dna"]:
-            return params["dna"]["encoder"]
-        return params
-    from bioscan_jax.convert import hf_bert
+            return {"encoder": params["dna"]["encoder"]}
+        return {"encoder": params}
+    from bioscan_jax.convert import barcodebert as bb_load
+    from bioscan_jax.convert import hub
 
-    encoder = kmer_bert.KmerBert(cfg, rngs=nnx.Rngs(0))
-    hf_bert.load_hf_bert(encoder, path, strict=False)
-    return nnx.state(encoder, nnx.Param).to_pure_dict()
+    loaded = bb_load.load(hub.resolve(path, what="config.model.dna.init"), num_heads=cfg.num_heads)
+    for field in ("k", "hidden_size", "num_layers", "intermediate_size", "vocab_size"):
+        if getattr(loaded.config, field) != getattr(cfg, field):
+            raise ValueError(f"config.model.dna.init {path}: the checkpoint has {field}={getattr(loaded.config, field)}, "
+                             f"the DNA tower {field}={getattr(cfg, field)} (set config.model.dna.variant/overrides)")
+    out = {"encoder": nnx.state(loaded.model, nnx.Param).to_pure_dict()}
+    head = loaded.head_tensors
+    t = "cls.predictions.transform."
+    if t + "dense.weight" in head:
+        out["transform"] = {"dense": {"kernel": head[t + "dense.weight"].T, "bias": head[t + "dense.bias"]},
+                            "norm": {"scale": head[t + "LayerNorm.weight"], "bias": head[t + "LayerNorm.bias"]}}
+    return out
 
 
 def _mlm_pretrain(config, setup: ClibdSetup, workdir: str) -> dict[str, Any]:
@@ -352,15 +386,25 @@ def pretrained_encoders(config, setup: ClibdSetup, workdir: str) -> dict[str, di
     if dna_init == "mlm":
         out["dna"] = _mlm_pretrain(config, setup, workdir)
     elif dna_init:
-        out["dna"] = _kmer_bert_state(dna_init, mcfg.dna)
+        state = _kmer_bert_state(dna_init, mcfg.dna)
+        out["dna"] = state["encoder"]
+        if "transform" in state and mcfg.tower_mode == "reference":
+            out["dna_transform"] = state["transform"]
     image_init = str(config.model.image.get("init", "") or "") if mcfg.image is not None else ""
     if image_init:
-        from bioscan_jax.convert import hf_vit
+        from bioscan_jax.convert import hf_vit, hub
 
         encoder = vit.ViT(mcfg.image, rngs=nnx.Rngs(0))
         loader = hf_vit.load_timm_vit if config.model.image.get("init_format", "hf") == "timm" else hf_vit.load_hf_vit
-        loader(encoder, image_init, strict=False)
+        loader(encoder, str(hub.resolve(image_init, what="config.model.image.init")), strict=False)
         out["image"] = nnx.state(encoder, nnx.Param).to_pure_dict()
+    text_init = str(config.model.text.get("init", "") or "") if mcfg.text is not None else ""
+    if text_init:
+        from bioscan_jax.convert import hf_bert, hub
+
+        encoder = text_model.TextEncoder(mcfg.text, rngs=nnx.Rngs(0))
+        hf_bert.load_hf_bert(encoder, str(hub.resolve(text_init, what="config.model.text.init")), strict=False)
+        out["text"] = nnx.state(encoder, nnx.Param).to_pure_dict()
     return out
 
 
@@ -370,7 +414,10 @@ def model_factory(setup: ClibdSetup, pretrained: Mapping[str, Mapping[str, Any]]
     def factory(rngs: nnx.Rngs) -> towers.ClibdModel:
         model = towers.ClibdModel(setup.model_config, rngs=rngs)
         for modality, state in pretrained.items():
-            towers.load_encoder_state(model, modality, state)
+            if modality == "dna_transform":
+                towers.load_dna_transform(model, state)
+            else:
+                towers.load_encoder_state(model, modality, state)
         return model
 
     return factory
@@ -443,7 +490,7 @@ def load_towers(workdir: str, config=None, *, step: int | None = None) -> towers
     if config is None:
         with open(os.path.join(workdir, "train", "config.json")) as f:
             config = ml_collections.ConfigDict(json.load(f))
-    vocab = text_lib.TaxonomyVocab.load(os.path.join(workdir, VOCAB_FILE))
+    vocab = wordpiece_vocab(config) or text_lib.TaxonomyVocab.load(os.path.join(workdir, VOCAB_FILE))
     mcfg = model_config(config, text_vocab_size=len(vocab))
     params = restore_params(os.path.join(workdir, "train", "checkpoints"), step)
     model = towers.ClibdModel(mcfg, rngs=nnx.Rngs(0))

@@ -9,6 +9,7 @@ does the work and returns a summary dict.
 """
 
 import logging as std_logging
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -16,9 +17,33 @@ from ml_collections import config_flags
 from bioscan_jax import tasks
 from bioscan_jax.train import mesh as mesh_lib
 from bioscan_jax.train import multihost
+from bioscan_jax.train import workdir_lock
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config(arg)).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and reports go here (default: config.workdir).")
+
+
+def _parse_flags(argv):
+    """absl's flag parsing, with one line instead of chained tracebacks for a bad --config.x=y."""
+    import re
+
+    try:
+        return flags.FLAGS(argv)
+    except Exception as e:  # noqa: BLE001 - config_flags raises AttributeError/KeyError/ValueError/flags.Error
+        text = str(e).replace("\\n", " ").replace("\n", " ").strip()
+        if text[:1] in "'\"":  # a repr-quoted KeyError / AttributeError message
+            text = text.strip("'\" ")
+        hint = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
+        inner = re.findall(r"\b\w*Error: (.+?)(?=\s+File \"|$)", text)  # the last error of an embedded traceback
+        if hint:
+            message = f"unknown config field {hint.group(2)!r}; did you mean {hint.group(1)!r}?"
+        elif isinstance(e, (KeyError, AttributeError)) and " " not in text:
+            message = f"unknown config field {text!r}"
+        elif inner:
+            message = inner[-1].strip()
+        else:
+            message = text.splitlines()[0] if text else type(e).__name__
+        sys.exit(f"run.py: {message}")
 
 
 def main(argv):
@@ -35,9 +60,15 @@ def main(argv):
     multihost.assert_same_config(config)
     workdir = _WORKDIR.value or config.get("workdir") or f"workdirs/{config.task}"
     logging.info("task=%s workdir=%s", config.task, workdir)
-    tasks.run(config, workdir)
+    import jax
+
+    try:  # one writer per workdir (process 0 holds the lock for a multi-process run)
+        with workdir_lock.hold(workdir, enabled=jax.process_index() == 0):
+            tasks.run(config, workdir)
+    except workdir_lock.WorkdirBusyError as e:
+        sys.exit(f"run.py: {e}")
 
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

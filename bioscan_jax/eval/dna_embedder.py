@@ -7,6 +7,8 @@ SPEC (:func:`resolve`):
 * a checkpoint file or directory in any format :func:`bioscan_jax.convert.barcodebert.load` reads
   (Hugging Face directory, BarcodeBERT training ``.pt``, v1 ``.pth``, CLIBD ``best.pth``): the
   reference probe embedding of that checkpoint's version;
+* a Hugging Face hub id (``owner/name``, or ``owner/name:file``), read from the local cache or the
+  hub (:mod:`bioscan_jax.convert.hub`);
 * a BarcodeBERT run workdir of this project (``<workdir>/pretrain/checkpoints``): its pretrained
   encoder, masked mean with trailing N stripped.
 
@@ -137,12 +139,16 @@ def resolve(spec: str, *, num_heads: int | None = None, max_nucleotides: int = 6
             raise ValueError(f"model spec {spec!r}: expected kmer:K with an integer K") from None
         return KmerEmbedder(k, max_nucleotides)
     from bioscan_jax.convert import barcodebert as bb_load
+    from bioscan_jax.convert import hub
 
+    name = spec
+    if hub.is_hub_id(spec):  # owner/name[:file]: the Hugging Face cache, or the hub when online
+        spec = str(hub.resolve(spec, what="--model"))
     if os.path.isdir(spec) and not os.path.exists(os.path.join(spec, "config.json")):
-        return BertEmbedder(bb_load.load_workdir(spec), spec, max_nucleotides)
+        return BertEmbedder(bb_load.load_workdir(spec), name, max_nucleotides)
     if not os.path.exists(spec):
         raise FileNotFoundError(
             f"model spec {spec!r}: no such file or directory. A SPEC is kmer:K, a checkpoint file (.pt/.pth/"
             f".bin/.safetensors), a Hugging Face model directory (download a hub model with "
             f"`huggingface-cli download <id> --local-dir DIR`), or a bioscan-jax BarcodeBERT workdir")
-    return BertEmbedder(bb_load.load(spec, num_heads=num_heads), spec, max_nucleotides)
+    return BertEmbedder(bb_load.load(spec, num_heads=num_heads), name, max_nucleotides)

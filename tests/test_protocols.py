@@ -10,14 +10,13 @@ zs-ssl-clustering BIOSCAN-5M branch ``zs_ssl_clustering/io.py``; bioscan-dataset
 from __future__ import annotations
 
 import re
-import shutil
 
 import numpy as np
 import pandas as pd
 import pytest
 from etils import epath
 
-from bioscan_jax.data import dna, schema, tfds_source
+from bioscan_jax.data import dna, schema
 from bioscan_jax.eval import probes
 from bioscan_jax.models import kmer_bert
 from bioscan_jax.tasks import barcodebert as barcodebert_task

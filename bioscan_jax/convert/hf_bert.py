@@ -1,7 +1,7 @@
 """HF BERT checkpoints ↔ NNX models (KmerBert, KmerBertForMLM, KmerBertClassifier, TextEncoder).
 
 Reads ``BertForTokenClassification`` / ``BertModel`` (and BarcodeBERT training checkpoints) from
-``pytorch_model.bin`` (``torch.load``), ``model.safetensors``, a checkpoint directory (sharded
+``pytorch_model.bin`` (:func:`bioscan_jax.convert.torch_pickle.load`), ``model.safetensors``, a checkpoint directory (sharded
 ``*.index.json`` included) or an in-memory state dict of torch tensors or numpy arrays; and
 exports back to the HF layout for round trips.
 
@@ -100,11 +100,9 @@ def _load_file(path: pathlib.Path) -> Mapping[str, Any]:
             from safetensors.torch import load_file as load_torch
 
             return load_torch(str(path))
-    try:
-        import torch
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(f"reading {path} needs torch (pip install 'bioscan-jax[torch]')") from e
-    return torch.load(str(path), map_location="cpu", weights_only=True)
+    from bioscan_jax.convert import torch_pickle  # weights_only, or never running the pickle's code
+
+    return torch_pickle.load(path)
 
 
 def load_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> StateDict:

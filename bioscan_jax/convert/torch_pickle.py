@@ -13,6 +13,7 @@ torch needs to rebuild tensors and containers and turns every other global into 
 from __future__ import annotations
 
 import collections
+import importlib
 import os
 import pickle
 from typing import Any
@@ -77,10 +78,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         if (module, name) in _ALLOWED:
             return _ALLOWED[(module, name)]
         if (module, name) in _TORCH_ALLOWED or (module == "torch" and (name.endswith("Storage") or _is_dtype(name))):
-            import torch  # noqa: F401  (the module is importable: torch.load is running)
-            import importlib
-
-            return getattr(importlib.import_module(module), name)
+            return getattr(importlib.import_module(module), name)  # torch is loaded: torch.load is running
         return _placeholder(module, name)
 
 

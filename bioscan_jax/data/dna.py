@@ -487,20 +487,13 @@ def _write_kmer_ids(out: np.ndarray, value: np.ndarray, ok: np.ndarray) -> None:
     np.add(v, UNK_ID, out=out)
 
 
-def _acgt_extent(u8: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Per row of a byte matrix: the length after ``rstrip('N')`` of the whole normalised barcode
-    (one past its last A/C/G/T/U, either case), whatever its length."""
-    acgt = (_BYTE_CLASSES[u8] < _N_CLASS) & (np.arange(u8.shape[1]) < lengths[:, None])
-    last = u8.shape[1] - np.argmax(acgt[:, ::-1], axis=1)
-    return np.where(acgt.any(axis=1), last, 0)
-
-
-def _strip_trailing_n(is_acgt: np.ndarray, start: int, lengths: np.ndarray) -> np.ndarray:
-    """Lengths after removing trailing non-ACGT (``N``) bases from ``[start, start + length)``."""
+def _strip_trailing_n(is_acgt: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Lengths after removing trailing non-ACGT (``N``) bases from each row's first ``length``
+    columns (``is_acgt`` must span them: the whole barcode, for BarcodeBERT's rule)."""
     width = int(lengths.max(initial=0))
     if width == 0:
         return lengths
-    window = is_acgt[:, start : start + width] & (np.arange(width) < lengths[:, None])
+    window = is_acgt[:, :width] & (np.arange(width) < lengths[:, None])
     from_end = np.argmax(window[:, ::-1], axis=1)
     return np.where(window.any(axis=1), width - from_end, 0)
 
@@ -588,7 +581,7 @@ def _normalize_chunk(
         stop = min(start + block, len(rows))
         codes, is_acgt, lengths = _classify_block(rows, start, stop, rows.u8.shape[1], ctx)
         if strip_trailing_n:
-            lengths = _strip_trailing_n(is_acgt, 0, lengths)
+            lengths = _strip_trailing_n(is_acgt, lengths)
         if max_nucleotides is not None:
             report["truncated"] += int(np.count_nonzero(lengths > max_nucleotides))
             lengths = np.minimum(lengths, max_nucleotides)
@@ -711,7 +704,9 @@ class KmerTokenizer:
             report["truncated"] += int(np.count_nonzero(lengths > self.max_nucleotides))
             lengths = lengths.astype(np.int32)
             if self.strip_trailing_n:  # strip the whole barcode, then cut (data_split.py, then the tokenizer)
-                lengths = _acgt_extent(rows.u8[start:stop], lengths).astype(np.int32)
+                # ``is_acgt`` covers only the columns that need codes: classify the whole rows
+                whole = _BYTE_CLASSES[rows.u8[start:stop]] < _N_CLASS
+                lengths = _strip_trailing_n(whole, lengths).astype(np.int32)
             _mark_empty(lengths == 0, rows, start, names, errors, report)
             if offs is None:  # write straight into the outputs
                 self._fill(ids[start:stop, first:], mask[start:stop, first:], codes, is_acgt, lengths, 0)

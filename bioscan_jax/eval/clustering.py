@@ -149,20 +149,26 @@ def zscore(x: ArrayLike, name: str = "embeddings") -> np.ndarray:
     return ((x - mean) / std).astype(x.dtype, copy=False)
 
 
+def _concat_modalities(embeddings: Mapping[str, ArrayLike], zscored: bool) -> np.ndarray:
+    """The modalities' (n, d_m) arrays (each z-scored over its records when ``zscored``),
+    concatenated along features in mapping order; they must have the same records."""
+    if not embeddings:
+        raise ValueError("clustering needs the embeddings of at least one modality")
+    parts = [zscore(x, name) if zscored else check_embeddings(x, name) for name, x in embeddings.items()]
+    rows = {name: p.shape[0] for name, p in zip(embeddings, parts, strict=True)}
+    if len(set(rows.values())) != 1:
+        raise ValueError(f"Modalities have different numbers of records: {rows}")
+    dtype = np.result_type(*parts, np.float32)
+    return np.concatenate([p.astype(dtype, copy=False) for p in parts], axis=1)
+
+
 def fuse_embeddings(embeddings: Mapping[str, ArrayLike]) -> np.ndarray:
     """Image+DNA (or any multi-modal) fusion: z-score each modality, then concatenate features.
 
     ``embeddings`` maps a modality name (used in errors) to an (n, d_m) array; all must have
     the same records in the same order. Returns an (n, Σ d_m) array, in mapping order.
     """
-    if not embeddings:
-        raise ValueError("fuse_embeddings needs at least one modality")
-    parts = [zscore(x, name) for name, x in embeddings.items()]
-    rows = {name: p.shape[0] for name, p in zip(embeddings, parts, strict=True)}
-    if len(set(rows.values())) != 1:
-        raise ValueError(f"Modalities have different numbers of records: {rows}")
-    dtype = np.result_type(*parts, np.float32)
-    return np.concatenate([p.astype(dtype, copy=False) for p in parts], axis=1)
+    return _concat_modalities(embeddings, zscored=True)
 
 
 #: Normalisation of each model's embeddings before clustering (and before concatenating the
@@ -187,31 +193,19 @@ def prenorm_embeddings(embeddings: Mapping[str, ArrayLike], partition: ArrayLike
     """
     if prenorm not in PRENORMS:
         raise ValueError(f"prenorm={prenorm!r}; valid: {', '.join(PRENORMS)}")
-    if not embeddings:
-        raise ValueError("prenorm_embeddings needs at least one modality")
+    if prenorm == "none" or (prenorm == "fused" and len(embeddings) == 1):
+        return _concat_modalities(embeddings, zscored=False)
     if prenorm == "fused":
-        if len(embeddings) == 1:
-            name, x = next(iter(embeddings.items()))
-            return check_embeddings(x, name)
         return fuse_embeddings(embeddings)
-    parts = {name: check_embeddings(x, name) for name, x in embeddings.items()}
-    rows = {name: p.shape[0] for name, p in parts.items()}
-    if len(set(rows.values())) != 1:
-        raise ValueError(f"Modalities have different numbers of records: {rows}")
-    dtype = np.result_type(*parts.values(), np.float32)
-    x = np.concatenate([p.astype(dtype, copy=False) for p in parts.values()], axis=1)
-    if prenorm == "none":
-        return x
+    x = _concat_modalities(embeddings, zscored=False)  # checks the modalities agree
     n = x.shape[0]
     groups = np.zeros(n, np.int64) if partition is None else np.unique(np.asarray(partition), return_inverse=True)[1]
     if groups.shape != (n,):
         raise ValueError(f"partition has shape {np.shape(partition)}, expected ({n},)")
     out = np.empty_like(x)
-    offsets = np.cumsum([0, *(p.shape[1] for p in parts.values())])
     for g in np.unique(groups):
-        rows_g = groups == g
-        for (name, _), lo, hi in zip(parts.items(), offsets[:-1], offsets[1:]):
-            out[rows_g, lo:hi] = zscore(x[rows_g, lo:hi], name)
+        rows = groups == g
+        out[rows] = fuse_embeddings({name: np.asarray(e)[rows] for name, e in embeddings.items()})
     return out
 
 
@@ -329,15 +323,12 @@ def score_clustering(pred: ArrayLike, labels: Mapping[str, ArrayLike], *, missin
         labelled = y != MISSING_INDEX
         scored: dict[str, np.ndarray] = {"class": np.ones_like(labelled), "drop": labelled}
         for policy, keep in scored.items():
-            name = "" if policy == missing else f"_{policy}"
-            if keep.any():
-                out[f"ami{name}/{rank}"] = float(skm.adjusted_mutual_info_score(y[keep], pred[keep]))
-                if not name:
-                    out[f"ari/{rank}"] = float(skm.adjusted_rand_score(y[keep], pred[keep]))
+            ami = float(skm.adjusted_mutual_info_score(y[keep], pred[keep])) if keep.any() else float("nan")
+            if policy == missing:
+                out[f"ami/{rank}"] = ami
+                out[f"ari/{rank}"] = float(skm.adjusted_rand_score(y[keep], pred[keep])) if keep.any() else float("nan")
             else:
-                out[f"ami{name}/{rank}"] = float("nan")
-                if not name:
-                    out[f"ari/{rank}"] = float("nan")
+                out[f"ami_{policy}/{rank}"] = ami
         keep = scored[missing]
         out[f"n_used/{rank}"] = int(keep.sum())
         out[f"n_excluded/{rank}"] = int(y.shape[0] - keep.sum())

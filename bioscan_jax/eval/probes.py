@@ -219,6 +219,14 @@ def fit_linear(
     return LinearHead(kernel=kernel.astype(np.float32), bias=(b - mean @ kernel).astype(np.float32))
 
 
+def fit_head(x: np.ndarray, y: np.ndarray, *, num_classes: int, recipe: str = "adamw", **options: Any) -> LinearHead:
+    """:func:`fit_linear_reference` (``recipe='reference'``) or :func:`fit_linear` (``'adamw'``)."""
+    if recipe not in LINEAR_RECIPES:
+        raise ValueError(f"unknown linear probe recipe {recipe!r}; valid: {', '.join(LINEAR_RECIPES)}")
+    fit = fit_linear_reference if recipe == "reference" else fit_linear
+    return fit(x, y, num_classes=num_classes, **options)
+
+
 def linear_probe(
     train_x: np.ndarray,
     train_y: np.ndarray,
@@ -235,15 +243,12 @@ def linear_probe(
     (``fit_options``: their epochs, lr, batch_size, weight_decay, seed...); ``head``: the fitted
     :class:`LinearHead`, when ``return_head``. Unlabelled or non-finite rows are left out and
     counted."""
-    if recipe not in LINEAR_RECIPES:
-        raise ValueError(f"unknown linear probe recipe {recipe!r}; valid: {', '.join(LINEAR_RECIPES)}")
     train_x, test_x = np.asarray(train_x, np.float32), np.asarray(test_x, np.float32)
     train_y, test_y = np.asarray(train_y), np.asarray(test_y)
     tr, te = _finite_labelled(train_x, train_y), _finite_labelled(test_x, test_y)
     if not tr.any() or not te.any():
         raise ValueError("linear_probe: the train or test set has no labelled, finite row")
-    fit = fit_linear_reference if recipe == "reference" else fit_linear
-    head = fit(train_x[tr], train_y[tr], num_classes=num_classes, **fit_options)
+    head = fit_head(train_x[tr], train_y[tr], num_classes=num_classes, recipe=recipe, **fit_options)
     out: dict[str, Any] = {
         "accuracy": float((head.predict(test_x[te]) == test_y[te]).mean()),
         "train_accuracy": float((head.predict(train_x[tr]) == train_y[tr]).mean()),

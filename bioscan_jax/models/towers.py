@@ -233,14 +233,10 @@ def _plain_path(path) -> tuple[Any, ...]:
     return tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
 
 
-def load_encoder_state(model: ClibdModel, modality: str, state: nnx.State | Mapping[str, Any]) -> None:
-    """Copies pretrained encoder parameters (an ``nnx.State`` or pure dict of the encoder's
-    ``nnx.Param``s, e.g. ``nnx.state(mlm_model.bert, nnx.Param)``) into a tower, in place.
-
-    Shapes must match exactly; a mismatch raises ``ValueError`` listing the differing paths.
-    """
-    encoder = encoder_of(model, modality)
-    target = nnx.state(encoder, nnx.Param)
+def _load_params(module: nnx.Module, state: nnx.State | Mapping[str, Any], what: str) -> None:
+    """Copies ``state`` (an ``nnx.State`` or pure dict of ``module``'s ``nnx.Param``s) into
+    ``module`` in place; shapes must match exactly, a mismatch lists the differing paths."""
+    target = nnx.state(module, nnx.Param)
     pure = state.to_pure_dict() if isinstance(state, nnx.State) else dict(state)
     pure = nnx.restore_int_paths(pure)  # checkpoints restore layer indices as strings
     want = {path: tuple(jnp.shape(v)) for path, v in nnx.to_flat_state(target)}
@@ -248,9 +244,18 @@ def load_encoder_state(model: ClibdModel, modality: str, state: nnx.State | Mapp
     if want != have:
         diff = sorted(".".join(map(str, p)) for p in set(want) ^ set(have)
                       | {p for p in set(want) & set(have) if want[p] != have[p]})
-        raise ValueError(f"pretrained {modality} encoder does not match the tower: {diff[:10]}")
+        raise ValueError(f"pretrained {what} does not match the tower: {diff[:10]}")
     target.replace_by_pure_dict(pure)
-    nnx.update(encoder, target)
+    nnx.update(module, target)
+
+
+def load_encoder_state(model: ClibdModel, modality: str, state: nnx.State | Mapping[str, Any]) -> None:
+    """Copies pretrained encoder parameters (an ``nnx.State`` or pure dict of the encoder's
+    ``nnx.Param``s, e.g. ``nnx.state(mlm_model.bert, nnx.Param)``) into a tower, in place.
+
+    Shapes must match exactly; a mismatch raises ``ValueError`` listing the differing paths.
+    """
+    _load_params(encoder_of(model, modality), state, f"{modality} encoder")
 
 
 def load_dna_transform(model: ClibdModel, state: Mapping[str, Any]) -> None:
@@ -259,10 +264,4 @@ def load_dna_transform(model: ClibdModel, state: Mapping[str, Any]) -> None:
     tower = getattr(model, "dna", None)
     if tower is None or tower.transform is None:
         raise ValueError("the model has no reference-mode DNA tower (tower_mode='reference') to take an MLM transform")
-    for module, name in ((tower.transform.dense, "dense"), (tower.transform.norm, "norm")):
-        for field, value in state[name].items():
-            var = getattr(module, field)
-            if tuple(jnp.shape(value)) != tuple(var[...].shape):
-                raise ValueError(f"MLM transform {name}.{field}: checkpoint shape {tuple(jnp.shape(value))} != "
-                                 f"tower shape {tuple(var[...].shape)}")
-            var[...] = jnp.asarray(value, var[...].dtype)
+    _load_params(tower.transform, state, "DNA MLM transform")

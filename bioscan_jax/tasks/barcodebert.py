@@ -106,7 +106,8 @@ def evaluated_sets(config, data: sources.Splits) -> dict[str, dict[str, Any]]:
 
 
 def pretrain(config, data: sources.Splits, model_cfg, tokenizer, workdir: str) -> loop.TrainResult:
-    """MLM pretraining on ``data.pretrain_split`` (deduplicated by barcode when asked)."""
+    """MLM pretraining on ``data.pretrain_split`` (as :func:`open_data` gives it: deduplicated by
+    barcode when ``data.dedup_barcodes``)."""
     source = data[sources.pretrain_split(config.data)]
     stage = config.pretrain
     batch = stage.train.batch_size
@@ -251,9 +252,8 @@ def probe_head(config, data, tokenizer, encoder, mesh) -> probes.LinearHead:
     ``finetune.head_init='linear_probe'`` when the probes stage did not run)."""
     emb = embed_split(config, encoder, data[config.data.finetune_split], tokenizer, mesh, pooled_embedding)
     ok = emb["species"] >= 0
-    options = _linear_fit_options(config)
-    fit = probes.fit_linear_reference if options.pop("recipe") == "reference" else probes.fit_linear
-    return fit(emb["embedding"][ok], emb["species"][ok], num_classes=data.num_classes("species"), **options)
+    return probes.fit_head(emb["embedding"][ok], emb["species"][ok], num_classes=data.num_classes("species"),
+                           **_linear_fit_options(config))
 
 
 def finetune_accuracy(config, model, data, tokenizer, mesh) -> dict[str, Any]:

@@ -222,11 +222,9 @@ def prepare(config, workdir: str | None = None, *, splits: Sequence[str] | None 
                 logger.warning("left out %d training records without a DNA barcode", n_without_dna)
     vocab_path = os.path.join(workdir, VOCAB_FILE) if workdir else None
     vocab = wordpiece_vocab(config)
-    if vocab is not None:
-        pass
-    elif vocab_path and os.path.exists(vocab_path):
+    if vocab is None and vocab_path and os.path.exists(vocab_path):
         vocab = text_lib.TaxonomyVocab.load(vocab_path)  # a resumed run keeps its vocabulary
-    else:
+    elif vocab is None:
         vocab = build_vocab(config, data)
         if vocab_path:
             os.makedirs(workdir, exist_ok=True)

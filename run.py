@@ -15,12 +15,20 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from bioscan_jax import tasks
+from bioscan_jax.train import checkpoint, loop
 from bioscan_jax.train import mesh as mesh_lib
 from bioscan_jax.train import multihost
 from bioscan_jax.train import workdir_lock
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config(arg)).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and reports go here (default: config.workdir).")
+_TRACEBACK = flags.DEFINE_bool("traceback", False, "Show the full traceback of an input or config error "
+                               "instead of its one-line message.")
+
+#: Errors that are about the user's input, config or workdir: their message names the cause and
+#: the remedy, so run.py prints that one line (``--traceback`` for the whole trace).
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+               workdir_lock.WorkdirBusyError, loop.NonFiniteLossError, checkpoint.DiskFullError)
 
 
 def _parse_flags(argv):
@@ -65,8 +73,14 @@ def main(argv):
     try:  # one writer per workdir (process 0 holds the lock for a multi-process run)
         with workdir_lock.hold(workdir, enabled=jax.process_index() == 0):
             tasks.run(config, workdir)
-    except workdir_lock.WorkdirBusyError as e:
-        sys.exit(f"run.py: {e}")
+    except loop.TrainingInterrupted as e:
+        print(f"run.py: {e}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
+    except USER_ERRORS as e:
+        if _TRACEBACK.value:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        sys.exit(f"run.py: {first}")
 
 
 if __name__ == "__main__":

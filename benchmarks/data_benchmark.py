@@ -6,7 +6,12 @@ Prints one JSON line per measurement:
   synthetic BIOSCAN-5M of ``--records`` records (generated once, in the official
   layout, images included), each build in a fresh subprocess, with its peak RSS and
   RSS samples over the build (memory stays flat: images are streamed; only the
-  metadata frame and TFDS's bounded (1 GiB) shuffle buffer are held);
+  metadata frame and TFDS's bounded (1 GiB) shuffle buffer are held). ``cropped_256``
+  is built twice, with the builder's image verification (every JPEG decoded,
+  ``verify_images=True``, the default) and without it (structural check only), into
+  separate data dirs;
+* ``build_image_verification``: the two ``cropped_256`` rates side by side and their
+  ratio (``unverified_over_verified``: how many times faster the build is without it);
 * ``pipeline``: samples/s of the DNA MLM pipeline (batched tokenisation, and the
   per-record alternative for comparison) and of the training image pipeline at 224 px,
   for each ``--workers`` count.
@@ -64,7 +69,7 @@ class RssSampler:
         self.samples.append((time.time(), _rss_mb()))
 
 
-def build_child(config: str, data_dir: str, manual_dir: str) -> None:
+def build_child(config: str, data_dir: str, manual_dir: str, verify_images: bool = True) -> None:
     """(Subprocess) builds one config and reports time and memory."""
     import resource
 
@@ -76,7 +81,7 @@ def build_child(config: str, data_dir: str, manual_dir: str) -> None:
     start_rss = _rss_mb()
     started = time.time()
     with RssSampler() as sampler:
-        b = tfds_source.prepare(config, data_dir, manual_dir, verify_md5=False)
+        b = tfds_source.prepare(config, data_dir, manual_dir, verify_md5=False, verify_images=verify_images)
     seconds = time.time() - started
     n = b.info.splits.total_num_examples
     import numpy as np
@@ -86,6 +91,8 @@ def build_child(config: str, data_dir: str, manual_dir: str) -> None:
     emit(
         benchmark="build",
         config=config,
+        verify_images=verify_images,
+        image_check=b.info.metadata.get("image_check"),
         records=n,
         seconds=round(seconds, 2),
         records_per_s=round(n / seconds, 1),
@@ -163,10 +170,11 @@ def main(argv=None) -> int:
     parser.add_argument("--k", type=int, default=4, help="k-mer length of the DNA tokenizer")
     parser.add_argument("--skip-build", action="store_true", help="reuse the builds in --workdir")
     parser.add_argument("--_build", nargs=3, metavar=("CONFIG", "DATA_DIR", "MANUAL_DIR"), help=argparse.SUPPRESS)
+    parser.add_argument("--_no-verify-images", dest="_no_verify_images", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args._build:
-        build_child(*args._build)
+        build_child(*args._build, verify_images=not args._no_verify_images)
         return 0
 
     workdir = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="bioscan_data_bench_"))
@@ -179,10 +187,24 @@ def main(argv=None) -> int:
             synthetic.generate(src, num_records=args.records, seed=0)
         emit(benchmark="synthetic_generate", records=args.records, seconds=round(time.time() - started, 1))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
-        for config in ("dna", "cropped_256"):
-            subprocess.run(
-                [sys.executable, __file__, "--_build", config, str(data_dir), str(src)], check=True, env=env
-            )
+        rates = {}
+        # The unverified build goes to its own data dir (a prepared dataset is never rebuilt);
+        # the pipelines read the default (verified) one.
+        for config, out_dir, verify in (("dna", data_dir, True), ("cropped_256", data_dir, True),
+                                        ("cropped_256", workdir / "tfds_unverified", False)):
+            cmd = [sys.executable, __file__, "--_build", config, str(out_dir), str(src)]
+            proc = subprocess.run(cmd + ([] if verify else ["--_no-verify-images"]), check=True, env=env,
+                                  stdout=subprocess.PIPE, text=True)
+            sys.stdout.write(proc.stdout)
+            sys.stdout.flush()
+            if config == "cropped_256":
+                lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+                rates.update({verify: r for r in lines if r.get("benchmark") == "build"})
+        if len(rates) == 2:
+            verified, unverified = rates[True]["records_per_s"], rates[False]["records_per_s"]
+            emit(benchmark="build_image_verification", config="cropped_256", records=rates[True]["records"],
+                 verified_records_per_s=verified, unverified_records_per_s=unverified,
+                 unverified_over_verified=round(unverified / verified, 3) if verified else None)
     pipelines(str(data_dir), args)
     return 0
 

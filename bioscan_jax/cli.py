@@ -3,6 +3,7 @@
   bioscan-jax embed    --model SPEC --input FILE --out OUT.npz
   bioscan-jax index    --model SPEC --reference REF --out DIR
   bioscan-jax identify --model SPEC --reference REF --input FILE --out predictions.tsv
+  bioscan-jax convert  --model SPEC --out DIR
 
 SPEC: ``kmer:K``, a BarcodeBERT checkpoint (file or Hugging Face directory, any released format)
 or a bioscan-jax BarcodeBERT workdir (:mod:`bioscan_jax.eval.dna_embedder`). FILE: FASTA, a BOLD
@@ -10,7 +11,10 @@ TSV, or a CSV/TSV with a ``dna_barcode`` (or ``nucleotides``) column. REF: a lab
 FASTA, ``bioscan5m:CONFIG:SPLIT`` (e.g. ``bioscan5m:dna:train+key_unseen``, with
 ``--manual-dir``), or a directory written by ``bioscan-jax index``.
 
-Every input record gets an output row with a ``status``; none is dropped.
+Every input record gets an output row with a ``status``; none is dropped. ``convert`` writes a
+BarcodeBERT SPEC as a bioscan-jax model directory (orbax checkpoint + ``model.json``), itself a
+SPEC and usable wherever a config takes a BarcodeBERT checkpoint path (``model.dna.init``,
+ZSC's ``weights='checkpoint'``).
 """
 
 from __future__ import annotations
@@ -149,6 +153,20 @@ def cmd_identify(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from bioscan_jax.convert import barcodebert as bb_load
+
+    embedder = _embedder(args)
+    if not hasattr(embedder, "loaded"):
+        raise ValueError(f"--model {args.model}: k-mer counts have no weights to convert; give a BarcodeBERT SPEC")
+    loaded = embedder.loaded
+    out = bb_load.save(loaded, args.out)
+    cfg = loaded.config
+    print(f"{args.model} ({loaded.format}, k={cfg.k}, {cfg.num_layers} layers, {cfg.hidden_size}-d, "
+          f"protocol {loaded.protocol.name}) → {out}", flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bioscan-jax", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -184,6 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--input", required=True)
     i.add_argument("--out", required=True)
     i.set_defaults(func=cmd_identify)
+
+    c = sub.add_parser("convert", help="a BarcodeBERT SPEC → a bioscan-jax model directory (orbax + model.json)")
+    common(c)
+    c.add_argument("--out", required=True)
+    c.set_defaults(func=cmd_convert)
     return p
 
 
@@ -195,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:  # one line for a user's mistake
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:  # one line for a user's mistake
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"bioscan-jax {args.command}: error: {msg}", file=sys.stderr)
         return 1

@@ -39,6 +39,9 @@ def get_config(arg=None):
     c.variant = arg.variant
     c.seed = 0
     c.workdir = f"workdirs/barcodebert_{arg.variant}"
+    # A workdir with checkpoints of another run (other data or settings) is refused: "restart"
+    # discards the old run, "force" continues it anyway (bioscan_jax/train/run_identity.py).
+    c.resume = "auto"
 
     c.data = dict(
         source="tfds",                 # 'tfds' (bioscan5m builder) or 'bold' (a user's BOLD TSV/FASTA)
@@ -47,8 +50,10 @@ def get_config(arg=None):
         manual_dir="",                 # official BIOSCAN-5M files (extracted or zips)
         on_bad_record="raise",         # the builder's policy: 'raise' or 'skip' (counted in the dataset info)
         verify_md5=True,               # False: accept an official-named metadata CSV whose md5 differs
+        verify_images=True,            # False: build without decoding each image (only its JPEG structure is checked)
         num_records=0,                 # synthetic size (0 = the generator's default)
         path="",                       # source='bold': BOLD TSV or FASTA
+        min_length=200,                # source='bold': shorter barcodes (nt, after normalisation) are skipped, counted
         unseen_fraction=0.2,           # source='bold': share of species held out as unseen
         test_fraction=0.2,             # source='bold': share of each seen species' records for test
         pretrain_split="auto",         # 'auto': pretrain+other_heldout (tfds) or pretrain+train (bold)

@@ -38,6 +38,9 @@ def get_config(arg=None):
     c.variant = arg.variant
     c.seed = 0
     c.workdir = f"workdirs/clibd_{arg.variant}"
+    # A workdir with checkpoints of another run (other data or settings) is refused: "restart"
+    # discards the old run, "force" continues it anyway (bioscan_jax/train/run_identity.py).
+    c.resume = "auto"
     c.quiet_logs = True                # hide the libraries' routine INFO logs (orbax, TFDS)
 
     c.data = dict(
@@ -47,6 +50,7 @@ def get_config(arg=None):
         manual_dir="",                 # official BIOSCAN-5M files (extracted or zips)
         on_bad_record="raise",         # the builder's policy: 'raise' or 'skip' (counted in the dataset info)
         verify_md5=True,               # False: accept an official-named metadata CSV whose md5 differs
+        verify_images=True,            # False: build without decoding each image (only its JPEG structure is checked)
         num_records=0,                 # synthetic size (0 = the generator's default)
         train_split="pretrain+train",  # CLIBD trains on pretrain + train
         vocab_split="train",           # taxonomy words of the text tower

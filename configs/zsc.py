@@ -92,6 +92,9 @@ def get_config(arg=None):
     c.variant = arg.variant
     c.seed = 0
     c.workdir = f"workdirs/zsc_{arg.variant}"
+    # A workdir with checkpoints of another run (other data or settings) is refused: "restart"
+    # discards the old run, "force" continues it anyway (bioscan_jax/train/run_identity.py).
+    c.resume = "auto"
 
     c.data = dict(
         source="tfds",                # 'tfds' (bioscan5m builder) or 'bold' (DNA-only models then)
@@ -100,8 +103,10 @@ def get_config(arg=None):
         manual_dir="",
         on_bad_record="raise",         # the builder's policy: 'raise' or 'skip' (counted in the dataset info)
         verify_md5=True,               # False: accept an official-named metadata CSV whose md5 differs
+        verify_images=True,            # False: build without decoding each image (only its JPEG structure is checked)
         num_records=0,                # synthetic size (0 = the generator's default)
         path="",                      # source='bold': BOLD TSV or FASTA
+        min_length=200,               # source='bold': shorter barcodes (nt, after normalisation) are skipped, counted
         unseen_fraction=0.2,
         test_fraction=0.2,
         split="test+test_unseen",     # the clustered records (the paper: seen and unseen together)

@@ -105,12 +105,13 @@ class RecordingIterator:
     """
 
     def __init__(self, it, *, log_path: str | None = None, pause_after: int | None = None,
-                 marker: str | None = None):
+                 marker: str | None = None, delay: float = 0.0):
         self.checkpointable = it
         self.seen: list[list[int]] = []
         self._log_path = log_path
         self._pause_after = pause_after
         self._marker = marker
+        self._delay = delay
 
     def __iter__(self):
         return self
@@ -122,6 +123,10 @@ class RecordingIterator:
             if self._marker:
                 open(self._marker, "w").close()
             time.sleep(600)
+        if self._delay:
+            import time
+
+            time.sleep(self._delay)
         batch = next(self.checkpointable)
         rows = [int(i) for i in batch["index"]]
         self.seen.append(rows)

@@ -131,3 +131,12 @@ def test_bold_export_runs_pretraining_finetuning_and_probes(tmp_path, real_barco
     with open(os.path.join(tmp_path, "work", "summary.md")) as f:
         assert "1-NN order accuracy" in f.read()
     assert 0.0 <= probes["kmer_baseline"]["accuracy"] <= 1.0 and 0.0 <= summary["finetune"]["accuracy"] <= 1.0
+
+
+def test_finetuning_batch_larger_than_its_split_fails_before_pretraining(tmp_path):
+    config = small_config(tmp_path)
+    config.finetune.train.batch_size = 100_000
+    with pytest.raises(ValueError, match=r"config.finetune.train.batch_size=100000 is larger than the finetune "
+                                         r"split 'train' \(\d+ records after barcode deduplication\)"):
+        tasks.run(config, str(tmp_path / "work"))
+    assert not (tmp_path / "work" / "pretrain").exists()

@@ -16,6 +16,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from flax import nnx
+
 from bioscan_jax.convert import barcodebert as bb_load
 from bioscan_jax.convert.hf_bert import ConversionError
 
@@ -204,3 +206,29 @@ def test_unknown_layout_names_the_keys_and_the_formats(tmp_path):
         bb_load.load(tmp_path / "x.pt")
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         bb_load.load(tmp_path / "absent.pt")
+
+
+def test_convert_writes_a_model_directory_that_is_itself_a_spec(tmp_path, barcodes):
+    """``bioscan-jax convert``: a released v1 checkpoint → orbax + model.json; loading the
+    directory gives the same embeddings with the same (v1) protocol, and a CLIBD config's DNA
+    ``init`` reads it too."""
+    from bioscan_jax import cli
+    from bioscan_jax.eval import dna_embedder
+    from bioscan_jax.tasks import clibd
+
+    k = 4
+    model = _perturb(transformers.BertForMaskedLM(_bert_config(4**k + 3)), 3)
+    path = tmp_path / "new_model_4.pth"
+    torch.save({"module." + key: v for key, v in model.state_dict().items()}, path)
+    out = tmp_path / "converted"
+    assert cli.main(["convert", "--model", str(path), "--out", str(out)]) == 0
+    assert (out / "model.json").exists() and (out / "checkpoints" / "0").is_dir()
+    converted = dna_embedder.resolve(str(out)).loaded
+    assert converted.protocol == bb_load.V1_PROTOCOL and converted.config == bb_load.load(path).config
+    np.testing.assert_allclose(_ours(converted, barcodes), v1_reference_embedding(model, barcodes, k), atol=1e-4)
+    state = clibd._kmer_bert_state(str(out), converted.config)
+    ours = nnx.state(converted.model, nnx.Param).to_pure_dict()
+    np.testing.assert_array_equal(state["encoder"]["embeddings"]["word"]["embedding"],
+                                  ours["embeddings"]["word"]["embedding"])
+    assert cli.main(["convert", "--model", str(path), "--out", str(out)]) == 1  # never over an existing model
+    assert cli.main(["convert", "--model", "kmer:4", "--out", str(tmp_path / "k")]) == 1

@@ -207,3 +207,52 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
     records = read_metrics(tmp_path)
     assert records[-1]["step"] == 5 and records[-1]["event"] == "non_finite_loss"
     assert records[-1]["loss"] == "nan"
+
+
+SIGNAL_STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    ref_dir = tmp_path_factory.mktemp("uninterrupted")
+    ref = _run_worker(ref_dir, SIGNAL_STEPS)
+    out, err = ref.communicate(timeout=300)
+    assert ref.returncode == 0, err[-3000:]
+    return ref_dir
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_checkpoints_the_current_step_and_the_next_run_resumes_there(tmp_path, uninterrupted, sig):
+    """#13 item 7: a real SIGINT/SIGTERM mid-run saves the step it stopped at (whether or not it
+    is a checkpoint step), exits 128 + signal with one line, and the next run resumes there to
+    the uninterrupted run's parameters and batches."""
+    run_dir = tmp_path / "stopped"
+    args = [sys.executable, str(TESTS / "_resume_worker.py"), str(run_dir), str(SIGNAL_STEPS), "-1", "0.4"]
+    victim = subprocess.Popen(args, env=_worker_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    deadline = time.time() + 300
+    while not ((run_dir / "batches.jsonl").exists() and len(_batches(run_dir)) >= 3):
+        assert victim.poll() is None, victim.communicate()[1][-3000:]
+        assert time.time() < deadline, "the run never started training"
+        time.sleep(0.05)
+    os.kill(victim.pid, sig)
+    out, err = victim.communicate(timeout=120)
+    assert victim.returncode == 128 + sig, err[-3000:]
+    stopped_at = len(_batches(run_dir))
+    assert 3 <= stopped_at < SIGNAL_STEPS
+    name = signal.Signals(sig).name
+    last = err.strip().splitlines()[-1]
+    assert last == (f"stopped by {name} after step {stopped_at}: checkpoint {stopped_at} is in "
+                    f"{run_dir}/checkpoints; run the same command again to resume"), err[-2000:]
+    assert (run_dir / "checkpoints" / str(stopped_at)).is_dir()
+    assert not list((run_dir / "checkpoints").glob("*tmp*"))
+    assert not (run_dir / "params.npz").exists()
+
+    resumed = _run_worker(run_dir, SIGNAL_STEPS)
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
+    assert json.loads((run_dir / "result.json").read_text()) == {"start": stopped_at, "end": SIGNAL_STEPS}
+    assert _batches(run_dir) == _batches(uninterrupted)
+    a, b = np.load(uninterrupted / "params.npz"), np.load(run_dir / "params.npz")
+    for k in a.files:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-6, atol=1e-7, err_msg=k)

@@ -204,6 +204,7 @@ def test_warm_start_replaces_a_subtree(mesh, tmp_path):
                    data_iter_factory=T.data_iter_factory(BATCH), warm_start=ws)
     np.testing.assert_allclose(r.state["params"]["fc1"]["kernel"], kernel)
     c.train.steps = 3
+    c.resume = "force"  # a longer run is another run identity: extending it is asked for explicitly
     loop.train(c, tmp_path, model_factory=T.model_factory(0.0), loss_fn=T.loss_fn,
                data_iter_factory=T.data_iter_factory(BATCH), warm_start=ws)
     assert calls == [1]

@@ -46,6 +46,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -293,45 +295,106 @@ def load(source: str | os.PathLike, *, num_heads: int | None = None, protocol: s
 # --------------------------------------------------------------------------------------------- our runs
 
 
+#: Written by :func:`save` beside the parameters: the model config and the embedding protocol.
+MODEL_FILE = "model.json"
+_PROTOCOLS = {p.name: p for p in (BIOSCAN5M_PROTOCOL, V1_PROTOCOL)}
+
+
+def config_to_json(cfg: kmer_bert.KmerBertConfig) -> dict[str, Any]:
+    out = dataclasses.asdict(cfg)
+    out["dtype"] = None if cfg.dtype is None else np.dtype(cfg.dtype).name
+    out["param_dtype"] = np.dtype(cfg.param_dtype).name
+    return out
+
+
+def config_from_json(fields: Mapping[str, Any]) -> kmer_bert.KmerBertConfig:
+    known = {f.name for f in dataclasses.fields(kmer_bert.KmerBertConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ConversionError(f"{MODEL_FILE}: unknown model fields {unknown}")
+    fields = dict(fields)
+    for name in ("dtype", "param_dtype"):
+        if fields.get(name) is not None:
+            fields[name] = jnp.dtype(fields[name])
+    return kmer_bert.KmerBertConfig(**fields)
+
+
+def save(loaded: Loaded, out: str | os.PathLike) -> pathlib.Path:
+    """Writes ``loaded`` as a bioscan-jax model directory: ``<out>/checkpoints/0/state`` (an orbax
+    train-state checkpoint holding ``params['bert']``, the layout every run writes) and
+    ``<out>/model.json`` (model config, embedding protocol, source). :func:`load_workdir` and
+    every config's ``init`` / checkpoint path read it back."""
+    from bioscan_jax.train.checkpoint import Checkpointer
+
+    out = pathlib.Path(out).absolute()
+    if (out / "checkpoints").exists():
+        raise FileExistsError(f"{out}/checkpoints exists; choose an empty --out directory")
+    out.mkdir(parents=True, exist_ok=True)
+    params = {"bert": nnx.state(loaded.model, nnx.Param).to_pure_dict()}
+    with Checkpointer(out / "checkpoints", async_save=False) as ckpt:
+        ckpt.save(0, {"params": params})
+    (out / MODEL_FILE).write_text(json.dumps(
+        {"model_config": config_to_json(loaded.config), "protocol": loaded.protocol.name,
+         "format": loaded.format, "source": loaded.source, "ignored": loaded.ignored}, indent=2) + "\n")
+    return out
+
+
 def load_workdir(path: str | os.PathLike, *, variant: str | None = None,
                  model_config: kmer_bert.KmerBertConfig | None = None) -> Loaded:
     """The pretrained encoder of a bioscan-jax BarcodeBERT run (``<path>/pretrain/checkpoints``, or
-    a stage directory with ``checkpoints``); the model comes from ``model_config``, else
-    ``variant``, else the run's ``summary.json`` (``model_config``). Embeds with the BIOSCAN-5M
-    protocol."""
-    from bioscan_jax.train import mesh as mesh_lib
-    from bioscan_jax.train import optim as optim_lib
-    from bioscan_jax.train.checkpoint import Checkpointer
-    from bioscan_jax.train.state import abstract_train_state
+    a stage directory with ``checkpoints``) or of a directory written by :func:`save`
+    (``bioscan-jax convert``). The model comes from ``model_config``, else ``variant``, else the
+    directory's ``model.json``, else the run's ``summary.json`` (``model_config``). A run embeds
+    with the BIOSCAN-5M protocol; a converted model with the protocol of its source."""
+    from bioscan_jax.train.checkpoint import latest_step, restore_params
 
     path = pathlib.Path(path)
     stage_dir = next((d for d in (path / "pretrain", path) if (d / "checkpoints").is_dir()), None)
     if stage_dir is None:
         raise FileNotFoundError(f"no BarcodeBERT pretraining checkpoint under {path} "
                                 f"(expected {path}/pretrain/checkpoints or {path}/checkpoints)")
+    protocol, fmt = BIOSCAN5M_PROTOCOL, "bioscan-jax"
     model_section: dict[str, Any] = {}
     for summary in (path / "summary.json", stage_dir.parent / "summary.json"):
         if summary.exists():
             data = json.loads(summary.read_text())
             model_section = data.get("model_config") or ({"variant": data["model"]} if "model" in data else {})
             break
-    if variant is not None:
-        model_section = {**model_section, "variant": variant}
+    written = json.loads((path / MODEL_FILE).read_text()) if (path / MODEL_FILE).exists() else None
     if model_config is not None:
         cfg = model_config
-    elif "variant" in model_section:
-        cfg = kmer_bert.get_variant(model_section["variant"], remat=bool(model_section.get("remat", False)),
-                                    scan_layers=bool(model_section.get("scan_layers", False)))
+    elif variant is not None or ("variant" in model_section and written is None):
+        section = {**model_section, **({"variant": variant} if variant is not None else {})}
+        cfg = kmer_bert.get_variant(section["variant"], remat=bool(section.get("remat", False)),
+                                    scan_layers=bool(section.get("scan_layers", False)))
+    elif written is not None:
+        cfg = config_from_json(written["model_config"])
     else:
-        raise ConversionError(f"{path}: no summary.json saying which model was trained; pass its variant "
-                              f"({', '.join(sorted(kmer_bert.VARIANTS))})")
-    stage = json.loads((stage_dir / "config.json").read_text()) if (stage_dir / "config.json").exists() else {}
-    tx, _ = optim_lib.make_optimizer(stage.get("optim", {}), total_steps=1, global_batch=1)
-    mesh = mesh_lib.make_mesh(dict(data=-1, fsdp=1, tensor=1))
-    setup = abstract_train_state(lambda rngs: kmer_bert.KmerBertForMLM(cfg, rngs=rngs), tx, mesh,
-                                 mesh_lib.DEFAULT_SHARDING_RULES)
-    with Checkpointer(stage_dir / "checkpoints", async_save=False) as ckpt:
-        state, step = ckpt.restore(setup.abstract_state)
-    model = setup.merge(state).bert
-    return Loaded(model=model, config=cfg, format="bioscan-jax", protocol=BIOSCAN5M_PROTOCOL,
-                  source=f"{stage_dir} (step {step})")
+        raise ConversionError(f"{path}: no summary.json or {MODEL_FILE} saying which model was trained; pass its "
+                              f"variant ({', '.join(sorted(kmer_bert.VARIANTS))})")
+    if written is not None:
+        protocol, fmt = _PROTOCOLS[written.get("protocol", "bioscan5m")], f"bioscan-jax ({written.get('format')})"
+    step = latest_step(stage_dir / "checkpoints")
+    params = restore_params(stage_dir / "checkpoints", step)
+    model = kmer_bert.KmerBert(cfg, rngs=nnx.Rngs(0))
+    _assign(model, params.get("bert", params), str(stage_dir))
+    return Loaded(model=model, config=cfg, format=fmt, protocol=protocol, source=f"{stage_dir} (step {step})")
+
+
+def _assign(model: nnx.Module, values: Mapping[str, Any], where: str) -> None:
+    """Sets ``model``'s parameters from the pure dict ``values``, naming any mismatched tensor."""
+    def flat(tree):  # layer indices are ints in the model, strings after an orbax round trip
+        return {".".join(str(getattr(k, "key", k)) for k in path): x
+                for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+    state = nnx.state(model, nnx.Param)
+    want, have = flat(state.to_pure_dict()), flat(dict(values))
+    missing = sorted(set(want) - set(have))
+    if missing:
+        raise ConversionError(f"{where}: the checkpoint lacks {missing[:5]} ({len(missing)} tensors) of the model")
+    for key, target in want.items():
+        if tuple(np.shape(have[key])) != tuple(np.shape(target)):
+            raise ConversionError(f"{where}: {key}: checkpoint shape {np.shape(have[key])} "
+                                  f"!= model shape {np.shape(target)}")
+    state.replace_by_pure_dict(dict(values))
+    nnx.update(model, state)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -31,6 +32,8 @@ class Splits:
     description: str
     #: per split, what a task recorded of its size (e.g. before/after deduplication)
     sizes: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: what the records are, independent of where the files lie (:func:`content_identity`)
+    identity: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __getitem__(self, split: str) -> Sequence[Mapping[str, Any]]:
         return self.sources[split]
@@ -79,17 +82,43 @@ def open_splits(data: Any, splits: Sequence[str], *, features: Sequence[str] | N
 
     ``data.source == 'tfds'``: the ``bioscan5m`` builder config ``data.builder_config`` is
     prepared once (``data.manual_dir`` for the official files; synthetic configs generate
-    themselves, ``data.num_records`` > 0 picks a custom size; ``data.on_bad_record`` and
-    ``data.verify_md5`` go to the builder) and read with
+    themselves, ``data.num_records`` > 0 picks a custom size; ``data.on_bad_record``,
+    ``data.verify_md5`` and ``data.verify_images`` go to the builder) and read with
     :func:`bioscan_jax.data.tfds_source.data_source`.
     ``data.source == 'bold'``: ``data.path`` (BOLD TSV or FASTA) is imported and split by species
     with :func:`bioscan_jax.data.bold.assign_species_split`.
     """
     if data.source == "tfds":
-        return _open_tfds(data, splits, features, seed)
+        out = _open_tfds(data, splits, features, seed)
+    elif data.source == "bold":
+        out = _open_bold(data, splits, seed)
+    else:
+        raise ValueError(f"unknown config.data.source {data.source!r}; valid: 'tfds', 'bold'")
+    out.identity = content_identity(data, out, seed)
+    return out
+
+
+def file_digest(path: Any, chunk: int = 1 << 22) -> str:
+    """sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def content_identity(data: Any, splits: Splits, seed: int) -> dict[str, Any]:
+    """What determines the records of ``splits`` (part of a training stage's run identity):
+    the dataset's name, config and version (TFDS) or the BOLD file's sha256 and the species-split
+    settings, the bad-record policy, and the size of every opened split. Not where the files lie:
+    a moved data directory or file is the same data."""
+    sizes = {split: len(source) for split, source in splits.sources.items()}
     if data.source == "bold":
-        return _open_bold(data, splits, seed)
-    raise ValueError(f"unknown config.data.source {data.source!r}; valid: 'tfds', 'bold'")
+        return {"source": "bold", "sha256": file_digest(data.path),
+                "unseen_fraction": float(data.unseen_fraction), "test_fraction": float(data.test_fraction),
+                "split_seed": int(seed), "min_length": data.get("min_length", None), "sizes": sizes}
+    return {"source": "tfds", "dataset": splits.description,
+            "on_bad_record": str(data.get("on_bad_record", "raise")), "sizes": sizes}
 
 
 #: What ``pretrain_split='auto'`` means for each source: BIOSCAN-5M's pretraining records
@@ -117,7 +146,8 @@ def _open_tfds(data: Any, splits: Sequence[str], features, seed: int) -> Splits:
     builder = tfds_source.prepare(config, data_dir=data.get("data_dir") or None,
                                   manual_dir=data.get("manual_dir") or None,
                                   on_bad_record=str(data.get("on_bad_record", "raise")),
-                                  verify_md5=bool(data.get("verify_md5", True)))
+                                  verify_md5=bool(data.get("verify_md5", True)),
+                                  verify_images=bool(data.get("verify_images", True)))
     available = list(builder.info.splits)
     sources = {}
     for split in splits:
@@ -154,10 +184,19 @@ def _open_bold(data: Any, splits: Sequence[str], seed: int) -> Splits:
 
     if not data.get("path"):
         raise ValueError("config.data.source='bold' needs config.data.path (a BOLD TSV or FASTA file)")
-    df, report = bold.read(data.path)
+    # Everything about the file is checked here, before any model is built: the species and genus
+    # columns, barcodes of at least config.data.min_length nt (default bold.MIN_LENGTH; those the
+    # tokenizer will cut at config.data.max_nucleotides are counted), and species enough to split.
+    min_length = data.get("min_length", bold.MIN_LENGTH)
+    max_length = data.get("max_nucleotides", None)
+    df, report = bold.read(data.path, require=("species", "genus"),
+                           min_length=None if min_length is None else int(min_length),
+                           max_length=None if max_length is None else int(max_length))
     logger.info("BOLD import of %s: %s", data.path, report)
+    test_fraction = float(data.test_fraction)
+    bold.check_species_split(df, str(data.path), test_fraction=test_fraction)
     df = bold.assign_species_split(df, unseen_fraction=float(data.unseen_fraction),
-                                   test_fraction=float(data.test_fraction), seed=seed)
+                                   test_fraction=test_fraction, seed=seed)
     maps = schema.label_maps(df)
     records = frame_records(df, maps)
     by_split: dict[str, list[int]] = collections.defaultdict(list)

@@ -69,6 +69,7 @@ def prepare(
     *,
     on_bad_record: str = "raise",
     verify_md5: bool = True,
+    verify_images: bool = True,
     download_dir: str | None = None,
 ) -> tfds.core.DatasetBuilder:
     """Builds (once) and returns the builder of a config.
@@ -76,9 +77,12 @@ def prepare(
     ``manual_dir`` holds the official files, extracted or zipped (not needed for the
     synthetic configs). ``on_bad_record='skip'`` skips and counts unusable records
     (see ``builder.info.metadata['skipped']``); ``verify_md5=False`` accepts a metadata
-    CSV named like the official one whose md5 differs.
+    CSV named like the official one whose md5 differs; ``verify_images=False`` skips
+    decoding each image at build time (only the structural JPEG check remains). These
+    apply when the dataset is built; a prepared dataset is reused as it is.
     """
-    b = builder(builder_config, data_dir, on_bad_record=on_bad_record, verify_md5=verify_md5)
+    b = builder(builder_config, data_dir, on_bad_record=on_bad_record, verify_md5=verify_md5,
+                verify_images=verify_images)
     b.download_and_prepare(
         download_dir=download_dir,
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir),

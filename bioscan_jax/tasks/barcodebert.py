@@ -15,6 +15,7 @@ plot of the training curves, ``workdir/training_curves.png``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -44,6 +45,11 @@ HEAD_INITS = ("random", "linear_probe")
 DNA_FEATURES = ("processid", "dna_barcode", "genus", "species")
 
 
+#: The probe settings a linear-probe head (``finetune.head_init='linear_probe'``) depends on.
+LINEAR_PROBE_FIELDS = ("linear_recipe", "linear_epochs", "linear_lr", "linear_batch_size", "linear_momentum",
+                       "linear_weight_decay", "linear_rank")
+
+
 def _stage_config(config: ml_collections.ConfigDict, stage: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The config the generic train loop reads: shared mesh/rules/seed + the stage's own train,
     optim and checkpoint sections."""
@@ -52,7 +58,18 @@ def _stage_config(config: ml_collections.ConfigDict, stage: ml_collections.Confi
     c.mesh = config.mesh
     c.sharding_rules = config.sharding_rules
     c.train, c.optim, c.checkpoint = stage.train, stage.optim, stage.checkpoint
+    c.resume = config.get("resume", "auto")
     return c
+
+
+def stage_identity(model_cfg, tokenizer, data: sources.Splits, split: str, **options) -> dict[str, Any]:
+    """What a stage's result depends on beyond seed/train/optim (its run identity): the model
+    (not its memory layout), the tokenisation, the data and the split with its size."""
+    model = {k: v for k, v in dataclasses.asdict(model_cfg).items() if k not in ("remat",)}
+    tokens = {"k": tokenizer.k, "stride": tokenizer.stride, "max_nucleotides": tokenizer.max_nucleotides,
+              "add_cls": tokenizer.add_cls, "strip_trailing_n": tokenizer.strip_trailing_n}
+    return {"model": model, "tokenizer": tokens,
+            "data": {**data.identity, "split": split, "records": len(data[split])}, "stage": options}
 
 
 def _check_stages(config) -> tuple[str, ...]:
@@ -97,6 +114,18 @@ def open_data(config) -> sources.Splits:
     return data
 
 
+def check_batches_fit(config, data: sources.Splits, stages: tuple[str, ...]) -> None:
+    """Every training stage asked for has at least one batch of records (checked before any
+    stage runs: a fine-tuning split too small for its batch fails before pretraining)."""
+    for stage, split in (("pretrain", sources.pretrain_split(config.data)), ("finetune", config.data.finetune_split)):
+        batch = int(config[stage].train.batch_size)
+        if stage in stages and len(data[split]) < batch:
+            raise ValueError(
+                f"config.{stage}.train.batch_size={batch} is larger than the {stage} split {split!r} "
+                f"({len(data[split])} records{' after barcode deduplication' if config.data.dedup_barcodes else ''}); "
+                f"lower the batch size or use a larger split")
+
+
 def evaluated_sets(config, data: sources.Splits) -> dict[str, dict[str, Any]]:
     """What each metric is computed on: the split and its number of records (after dedup)."""
     d = config.data
@@ -120,17 +149,21 @@ def pretrain(config, data: sources.Splits, model_cfg, tokenizer, workdir: str) -
             mlm=True, mask_prob=stage.mask_prob, masked_only=stage.masked_only,
             worker_count=config.data.worker_count))
 
+    identity = stage_identity(model_cfg, tokenizer, data, sources.pretrain_split(config.data),
+                              mask_prob=float(stage.mask_prob), masked_only=bool(stage.masked_only))
     return loop.train(
         _stage_config(config, stage), os.path.join(workdir, "pretrain"),
         model_factory=lambda rngs: kmer_bert.KmerBertForMLM(model_cfg, rngs=rngs),
-        loss_fn=losses.mlm_loss, data_iter_factory=data_iter, steps_per_epoch=len(source) // batch)
+        loss_fn=losses.mlm_loss, data_iter_factory=data_iter, steps_per_epoch=len(source) // batch,
+        identity=identity)
 
 
 def finetune(config, data: sources.Splits, model_cfg, tokenizer, encoder: nnx.Module | None, workdir: str,
-             head: probes.LinearHead | None = None):
+             head: probes.LinearHead | None = None, encoder_identity: str = ""):
     """Species fine-tuning on ``data.finetune_split``, starting from ``encoder`` (if given) and
     from ``head`` (a linear probe of the frozen encoder, for ``finetune.head_init='linear_probe'``)
-    or a random head."""
+    or a random head. ``encoder_identity`` (the pretraining run's fingerprint) is part of this
+    stage's run identity."""
     source = data[config.data.finetune_split]
     num_classes = data.num_classes("species")
     stage = config.finetune
@@ -154,10 +187,14 @@ def finetune(config, data: sources.Splits, model_cfg, tokenizer, encoder: nnx.Mo
             source, tokenizer=tokenizer, batch_size=_local_batch(batch), train=True, seed=config.seed + 1,
             label_rank="species", worker_count=config.data.worker_count))
 
+    identity = stage_identity(model_cfg, tokenizer, data, config.data.finetune_split, num_classes=num_classes,
+                              pooling=stage.get("pooling", "masked_mean"),
+                              encoder=(encoder_identity or "given") if encoder is not None else "random",
+                              head=({k: config.probe[k] for k in LINEAR_PROBE_FIELDS} if head is not None else "random"))
     return loop.train(
         _stage_config(config, stage), os.path.join(workdir, "finetune"), model_factory=factory,
         loss_fn=losses.classification_loss, data_iter_factory=data_iter, steps_per_epoch=len(source) // batch,
-        warm_start=warm_start or None)
+        warm_start=warm_start or None, identity=identity)
 
 
 def label_ranks(config) -> tuple[str, ...]:
@@ -345,14 +382,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                "strip_trailing_n": bool(config.data.strip_trailing_n),
                                "split_sizes": data.sizes, "eval_sets": evaluated_sets(config, data)}
     logger.info("data %s: %s", data.description, summary["split_sizes"])
+    check_batches_fit(config, data, stages)
 
     encoder = None
+    encoder_identity = ""
     head = None
     if "pretrain" in stages:
         t0 = time.perf_counter()
         result = pretrain(config, data, model_cfg, tokenizer, workdir)
         encoder = result.model().bert
-        summary["pretrain"] = {"steps": result.step, "seconds": time.perf_counter() - t0}
+        encoder_identity = result.fingerprint
+        summary["pretrain"] = {"steps": result.step, "seconds": time.perf_counter() - t0,
+                               "run_identity": result.fingerprint}
     if "probes" in stages:
         if encoder is None:
             logger.warning("probes without pretraining: probing a random-init encoder")
@@ -371,9 +412,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             if encoder is None:
                 raise ValueError("finetune.head_init='linear_probe' needs the pretrain stage (or a pretrained encoder)")
             head = probe_head(config, data, tokenizer, encoder, mesh)
-        result = finetune(config, data, model_cfg, tokenizer, encoder, workdir, head=head)
+        result = finetune(config, data, model_cfg, tokenizer, encoder, workdir, head=head,
+                          encoder_identity=encoder_identity)
         summary["finetune"] = {**finetune_accuracy(config, result.model(), data, tokenizer, mesh),
-                               "head_init": head_init, "steps": result.step, "seconds": time.perf_counter() - t0}
+                               "head_init": head_init, "steps": result.step, "seconds": time.perf_counter() - t0,
+                               "run_identity": result.fingerprint}
     summary["seconds"] = time.perf_counter() - t_start
     table = summary_table(summary)
     print(table, flush=True)

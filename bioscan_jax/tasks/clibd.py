@@ -61,9 +61,9 @@ from bioscan_jax.eval import report as report_lib
 from bioscan_jax.eval import retrieval
 from bioscan_jax.models import kmer_bert, towers, vit
 from bioscan_jax.models import text as text_model
+from bioscan_jax.train import checkpoint as checkpoint_lib
 from bioscan_jax.train import loop
 from bioscan_jax.train import mesh as mesh_lib
-from bioscan_jax.train.checkpoint import Checkpointer
 from bioscan_jax.train.contrastive import contrastive_loss
 from bioscan_jax.train.state import make_rngs
 from tfds_builder.bioscan5m import fields
@@ -278,43 +278,6 @@ def quiet_library_logs(level: int = logging.WARNING):
         absl_logger.setLevel(old)
 
 
-def _latest_step(checkpoint_dir: str) -> int:
-    steps = [int(n) for n in os.listdir(checkpoint_dir) if n.isdigit()]
-    if not steps:
-        raise FileNotFoundError(f"no checkpoint in {checkpoint_dir}")
-    return max(steps)
-
-
-def restore_params(checkpoint_dir: str, step: int | None = None) -> dict[str, Any]:
-    """The trained parameters (pure dict, host numpy) of a train-loop checkpoint directory
-    (``<checkpoint_dir>/<step>/state``, newest step by default).
-
-    The restore target is built from the checkpoint's own metadata (replicated on one device), so
-    neither the optimizer nor the mesh of the run that wrote it needs to be known.
-    """
-    import orbax.checkpoint as ocp
-
-    step = _latest_step(checkpoint_dir) if step is None else int(step)
-    path = os.path.join(os.path.abspath(checkpoint_dir), str(step), Checkpointer.STATE)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"no train state at {path}")
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-
-    def is_leaf(x):
-        return hasattr(x, "shape") and hasattr(x, "dtype")
-
-    with quiet_library_logs(logging.ERROR), ocp.PyTreeCheckpointer() as checkpointer:
-        meta = checkpointer.metadata(path)
-        tree = getattr(meta, "item_metadata", meta)
-        tree = getattr(tree, "tree", tree)
-        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device),
-                                tree["params"], is_leaf=is_leaf)
-        restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), abstract)
-        restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-            item={"params": abstract}, restore_args={"params": restore_args}, partial_restore=True))
-    return jax.device_get(restored["params"])
-
-
 def _kmer_bert_state(path: str, cfg: kmer_bert.KmerBertConfig) -> dict[str, Any]:
     """DNA encoder parameters (and, when the checkpoint has one, its MLM transform as
     ``'transform'``) from a run of this project (BarcodeBERT: its ``bert``; CLIBD: its DNA tower's
@@ -322,7 +285,7 @@ def _kmer_bert_state(path: str, cfg: kmer_bert.KmerBertConfig) -> dict[str, Any]
     (:func:`bioscan_jax.convert.barcodebert.load`; a hub id is resolved first)."""
     ckpt_dir = _checkpoint_dir(path)
     if ckpt_dir is not None:
-        params = restore_params(ckpt_dir)
+        params = checkpoint_lib.restore_params(ckpt_dir)
         if "bert" in params:
             return {"encoder": params["bert"]}
         if isinstance(params.get("dna"), Mapping) and "encoder" in params["dna"]:
@@ -352,6 +315,7 @@ def _mlm_pretrain(config, setup: ClibdSetup, workdir: str) -> dict[str, Any]:
     p = config.dna_pretrain
     bb = ml_collections.ConfigDict()
     bb.seed, bb.mesh, bb.sharding_rules = config.seed, config.mesh, config.sharding_rules
+    bb.resume = config.get("resume", "auto")
     bb.data = ml_collections.ConfigDict(dict(pretrain_split=p.split, worker_count=int(config.data.worker_count)))
     bb.pretrain = ml_collections.ConfigDict(dict(train=p.train, optim=p.optim, checkpoint=p.checkpoint,
                                                  mask_prob=float(p.mask_prob), masked_only=bool(p.masked_only)))
@@ -453,6 +417,21 @@ def _check_config(config) -> None:
     mesh_lib.validate_batch(int(config.eval.batch_size), mesh_lib.make_mesh(config.mesh))
 
 
+#: ``config.data`` fields that say where the data lies or how fast it is read, not what it is.
+DATA_LOCATION_FIELDS = ("data_dir", "manual_dir", "path", "verify_md5", "verify_images", "worker_count",
+                        "read_threads", "prefetch")
+
+
+def run_identity(config, setup: ClibdSetup, pretrained: Mapping[str, Any]) -> dict[str, Any]:
+    """What contrastive training depends on beyond seed/train/optim: model (with its ``init``
+    sources), loss, the data settings and content, the text vocabulary and the pretrained towers."""
+    data = {k: v for k, v in config.data.to_dict().items() if k not in DATA_LOCATION_FIELDS}
+    return {"model": config.model.to_dict(), "loss": config.loss.to_dict(),
+            "data": {**data, **setup.data.identity, "train_records": len(setup.train_source)},
+            "text_vocab_size": len(setup.vocab), "pretrained": sorted(pretrained),
+            "dna_pretrain": config.dna_pretrain.to_dict() if "dna_pretrain" in config else None}
+
+
 def train_clibd(config, workdir: str, *, setup: ClibdSetup | None = None,
                 pretrained: Mapping[str, Any] | None = None) -> tuple[towers.ClibdModel, dict[str, Any]]:
     """Contrastive training of the CLIBD towers (resumes from ``workdir/train/checkpoints``).
@@ -475,8 +454,9 @@ def train_clibd(config, workdir: str, *, setup: ClibdSetup | None = None,
     result = loop.train(
         config, os.path.join(workdir, "train"), model_factory=model_factory(setup, pretrained),
         loss_fn=make_loss_fn(config), data_iter_factory=lambda: train_iterator(config, setup),
-        steps_per_epoch=steps_per_epoch)
+        steps_per_epoch=steps_per_epoch, identity=run_identity(config, setup, pretrained))
     summary = {"steps": result.step, "seconds": time.perf_counter() - t0, "n_train": len(setup.train_source),
+               "run_identity": result.fingerprint,
                "n_train_without_dna": setup.n_train_without_dna, "steps_per_epoch": steps_per_epoch,
                "pretrained": sorted(pretrained)}
     return result.model(), summary
@@ -484,13 +464,26 @@ def train_clibd(config, workdir: str, *, setup: ClibdSetup | None = None,
 
 def load_towers(workdir: str, config=None, *, step: int | None = None) -> towers.ClibdModel:
     """The trained CLIBD model of a run directory (``workdir/train/checkpoints`` and the saved
-    text vocabulary); ``config`` defaults to the run's saved ``config.json``."""
+    text vocabulary); ``config`` defaults to the run's saved ``config.json``.
+
+    ``workdir`` may also be a released CLIBD checkpoint file (``best.pth``, or a hub file
+    ``owner/name:path/best.pth``): :func:`bioscan_jax.convert.clibd.load` builds its towers in
+    ``tower_mode='reference'``, sized by ``config.model`` when a config is given, else by the file."""
+    from bioscan_jax.convert import hub
+
+    if os.path.isfile(workdir) or (hub.is_hub_id(workdir) and ":" in workdir):
+        from bioscan_jax.convert import clibd as clibd_checkpoint
+
+        if step is not None:
+            raise ValueError(f"step={step}: {workdir} is a checkpoint file, not a run directory")
+        path = hub.resolve(workdir, what="CLIBD checkpoint")
+        return clibd_checkpoint.load(path, model_config(config) if config is not None else None)
     if config is None:
         with open(os.path.join(workdir, "train", "config.json")) as f:
             config = ml_collections.ConfigDict(json.load(f))
     vocab = wordpiece_vocab(config) or text_lib.TaxonomyVocab.load(os.path.join(workdir, VOCAB_FILE))
     mcfg = model_config(config, text_vocab_size=len(vocab))
-    params = restore_params(os.path.join(workdir, "train", "checkpoints"), step)
+    params = checkpoint_lib.restore_params(os.path.join(workdir, "train", "checkpoints"), step)
     model = towers.ClibdModel(mcfg, rngs=nnx.Rngs(0))
     state = nnx.state(model, nnx.Param)
     state.replace_by_pure_dict(params)

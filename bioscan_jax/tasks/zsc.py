@@ -253,6 +253,7 @@ def _barcodebert_stage_config(config) -> ml_collections.ConfigDict:
                   pretrain_split=sources.pretrain_split(config.data, config.barcodebert.pretrain_split),
                   worker_count=config.data.worker_count)
     c.pretrain = config.barcodebert.pretrain
+    c.resume = config.get("resume", "auto")
     return c
 
 
@@ -343,7 +344,9 @@ def clibd_towers(config, workdir: str, cache: dict) -> nnx.Module:
             logger.info("loaded the CLIBD towers from %s", path)
         else:
             t0 = time.perf_counter()
-            cache["clibd"], summary = clibd.train_clibd(config.clibd, path)
+            clibd_config = config.clibd.copy_and_resolve_references()
+            clibd_config.resume = config.get("resume", "auto")  # --config.resume applies to every stage
+            cache["clibd"], summary = clibd.train_clibd(clibd_config, path)
             logger.info("CLIBD training: %d steps in %.1fs, %s", summary["steps"], time.perf_counter() - t0, path)
     return cache["clibd"]
 

@@ -23,8 +23,10 @@ be saved again). When no checkpoint restores, nothing is moved and an error is r
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import math
 import shutil
 import time
 from typing import Any
@@ -41,6 +43,46 @@ logger = logging.getLogger(__name__)
 
 class NoUsableCheckpointError(RuntimeError):
     """Checkpoints exist but none of them could be restored."""
+
+
+class DiskFullError(OSError):
+    """A checkpoint could not be written for lack of space (its partial files were removed)."""
+
+    def __init__(self, message: str):
+        super().__init__(errno.ENOSPC, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _is_disk_full(error: BaseException | None) -> bool:
+    """Whether ``error`` (or what caused it) is ENOSPC; tensorstore reports it inside a
+    ``ValueError('RESOURCE_EXHAUSTED: ... No space left on device [os_error_code='28']')``."""
+    seen = 0
+    while error is not None and seen < 16:
+        if getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error):
+            return True
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return False
+
+
+class _DropDiskFullRecords(logging.Filter):
+    """orbax logs a disk-full save failure as several tracebacks from its background threads;
+    :class:`Checkpointer` reports it once, as a :class:`DiskFullError`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage() if record.args else str(record.msg)
+        if record.exc_info and record.exc_info[1] is not None:
+            return not _is_disk_full(record.exc_info[1])
+        return "No space left on device" not in text
+
+
+_DISK_FULL_FILTER = _DropDiskFullRecords()
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2**20:,.1f} MB"
 
 
 class _IteratorSnapshot:
@@ -87,6 +129,10 @@ class Checkpointer:
         )
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=(self.STATE, self.DATA))
+        self._pending: tuple[int, int] | None = None  # (step, bytes) of the save in flight
+        absl_logger = logging.getLogger("absl")
+        if _DISK_FULL_FILTER not in absl_logger.filters:
+            absl_logger.addFilter(_DISK_FULL_FILTER)
 
     # -- queries ----------------------------------------------------------------------------
 
@@ -109,11 +155,44 @@ class Checkpointer:
         items = {self.STATE: ocp.args.StandardSave(state)}
         if data_iter is not None:
             items[self.DATA] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(_unwrap_iterator(data_iter)))
-        return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=True))
+        nbytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(state) if hasattr(x, "dtype"))
+        self.wait()  # orbax would finish the previous save first anyway: report its failure as its own
+        self._pending = (step, nbytes)
+        try:
+            return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=True))
+        except Exception as e:  # noqa: BLE001 - re-raised unless disk full
+            self._raise_if_disk_full(e)
+            raise
 
     def wait(self) -> None:
-        """Block until pending asynchronous saves are on disk."""
-        self._manager.wait_until_finished()
+        """Block until pending asynchronous saves are on disk.
+
+        Raises :class:`DiskFullError` (one line: the path, the space needed and free) when a save
+        ran out of space; its partial ``*.orbax-checkpoint-tmp*`` files are removed first, and the
+        earlier checkpoints are untouched.
+        """
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - re-raised unless disk full
+            self._raise_if_disk_full(e)
+            raise
+        self._pending = None
+
+    def _raise_if_disk_full(self, error: BaseException) -> None:
+        if not _is_disk_full(error):
+            return
+        step, nbytes = self._pending or (None, 0)
+        self._pending = None
+        if jax.process_index() == 0:
+            for partial in self.directory.glob("*.orbax-checkpoint-tmp*"):
+                shutil.rmtree(str(partial), ignore_errors=True)
+        complete = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+        free = shutil.disk_usage(str(self.directory)).free
+        kept = (f"checkpoint {complete[-1]} is intact" if complete else "no earlier checkpoint exists")
+        raise DiskFullError(
+            f"no space left on the device of {self.directory} while saving checkpoint {step}: it needs "
+            f"about {_mb(nbytes)}, {_mb(free)} free; {kept}. Free some space (or use another --workdir) "
+            f"and run again to resume") from None
 
     # -- restore ----------------------------------------------------------------------------
 
@@ -185,11 +264,64 @@ class Checkpointer:
         if self._closed:
             return
         self._closed = True
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self._manager.wait_until_finished()
+            self._manager.close()
+        except Exception as e:  # noqa: BLE001 - a disk-full save is reported by save()/wait()
+            if not _is_disk_full(e):
+                raise
 
     def __enter__(self) -> "Checkpointer":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# -- parameters only ----------------------------------------------------------------------------
+
+
+def latest_step(checkpoint_dir: str | epath.PathLike) -> int:
+    """The newest complete checkpoint step in ``checkpoint_dir`` (``FileNotFoundError`` if none)."""
+    directory = epath.Path(checkpoint_dir)
+    steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()] if directory.is_dir() else []
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint in {directory}")
+    return max(steps)
+
+
+def restore_params(checkpoint_dir: str | epath.PathLike, step: int | None = None) -> dict[str, Any]:
+    """The parameters (pure dict, host numpy) of a train-loop checkpoint directory
+    (``<checkpoint_dir>/<step>/state``, newest step by default): the one way a trained model is
+    read back for evaluation, conversion or as another run's initialisation.
+
+    The restore target is built from the checkpoint's own metadata (on one device), so neither
+    the optimizer nor the mesh of the run that wrote it needs to be known.
+    """
+    directory = epath.Path(checkpoint_dir).absolute()
+    step = latest_step(directory) if step is None else int(step)
+    path = directory / str(step) / Checkpointer.STATE
+    if not path.is_dir():
+        raise FileNotFoundError(f"no train state at {path}")
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def is_leaf(x):
+        return hasattr(x, "shape") and hasattr(x, "dtype")
+
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(max(level, logging.ERROR))  # orbax's routine INFO lines
+    try:
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            meta = checkpointer.metadata(path)
+            tree = getattr(meta, "item_metadata", meta)
+            tree = getattr(tree, "tree", tree)
+            abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device),
+                                    tree["params"], is_leaf=is_leaf)
+            restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), abstract)
+            restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+                item={"params": abstract}, restore_args={"params": restore_args}, partial_restore=True))
+    finally:
+        absl_logger.setLevel(level)
+    return jax.device_get(restored["params"])
+

@@ -34,6 +34,9 @@ Non-finite loss: metrics are fetched at every log, checkpoint and eval step; if 
 last check has a NaN/inf loss, training stops with :class:`NonFiniteLossError` naming the first
 bad step; the bad state is never checkpointed, so the run can be resumed (e.g. with a lower lr)
 from the last good checkpoint.
+
+SIGINT / SIGTERM: the current step is checkpointed (pending asynchronous saves finished first) and
+:class:`TrainingInterrupted` says where; the next run resumes there. A second signal stops at once.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -52,9 +57,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from bioscan_jax.train import mesh as mesh_lib
 from bioscan_jax.train import optim as optim_lib
+from bioscan_jax.train import run_identity
 from bioscan_jax.train.checkpoint import Checkpointer
 from bioscan_jax.train.metrics import MetricsWriter
 from bioscan_jax.train.state import (ModelFactory, TrainSetup, TrainState, abstract_train_state, init_train_state,
@@ -81,6 +88,57 @@ class NonFiniteLossError(FloatingPointError):
             f"step {step}")
 
 
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM stopped training; the state of the current step was checkpointed."""
+
+    def __init__(self, signum: int, step: int, saved: int | None, workdir: str):
+        self.signum, self.step, self.saved = signum, step, saved
+        self.exit_code = 128 + signum  # the shell's convention for "stopped by signal N"
+        name = signal.Signals(signum).name
+        where = (f"checkpoint {saved} is in {workdir}/checkpoints; run the same command again to resume"
+                 if saved is not None else "no checkpoint could be saved")
+        super().__init__(f"stopped by {name} after step {step}: {where}")
+
+
+class _StopSignals:
+    """While active (main thread only), SIGINT/SIGTERM set ``signum`` instead of killing the run,
+    so the loop can save the current step and stop; a second signal interrupts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # asked twice: stop now, without the checkpoint
+            self.__exit__()
+            raise KeyboardInterrupt
+        self.signum = signum
+        logger.warning("%s received: saving a checkpoint after this step, then stopping "
+                       "(send it again to stop at once)", signal.Signals(signum).name)
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def requested(self, sync: bool) -> int | None:
+        """The signal number if a stop was asked for (on any process when ``sync``)."""
+        if jax.process_count() == 1:
+            return self.signum
+        if not sync:
+            return None
+        signums = multihost_utils.process_allgather(np.int32(self.signum or 0))
+        return int(np.max(signums)) or None
+
+
 @dataclasses.dataclass
 class TrainResult:
     setup: TrainSetup
@@ -88,6 +146,7 @@ class TrainResult:
     step: int  # optimiser updates done (the final step)
     workdir: str
     start_step: int = 0  # the step this run started from (> 0 when resumed)
+    fingerprint: str = ""  # the run identity's fingerprint (run_identity.json)
 
     def model(self) -> nnx.Module:
         return self.setup.merge(self.state)
@@ -192,6 +251,7 @@ def train(
     steps_per_epoch: int | None = None,
     trainable: Any = nnx.Param,
     warm_start: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None,
+    identity: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Train (or resume training) to ``total_train_steps(config)`` optimiser updates.
 
@@ -213,6 +273,10 @@ def train(
         shaped like a sub-tree of the parameters (or a zero-argument callable returning one, called
         only when the run starts fresh), e.g. ``{'bert': nnx.state(pretrained.bert,
         nnx.Param).to_pure_dict()}``. Ignored when resuming from a checkpoint.
+      identity: what else determines the result (model, data identity, stage options), recorded
+        with ``seed``/``train``/``optim`` in ``workdir/run_identity.json``; a workdir whose
+        checkpoints have another identity is refused unless ``config.resume`` says otherwise
+        (:mod:`bioscan_jax.train.run_identity`).
     """
     mesh_lib.maybe_initialize_distributed()
     workdir = os.fspath(workdir)
@@ -230,6 +294,10 @@ def train(
     local_batch = global_batch // jax.process_count()
 
     os.makedirs(workdir, exist_ok=True)
+    digest = run_identity.check(workdir, run_identity.stage_identity(config, identity),
+                                str(_opt(config, "resume", "auto")), writer=jax.process_index() == 0)
+    if jax.process_count() > 1:  # process 0 may have deleted the old run (resume=restart)
+        multihost_utils.sync_global_devices("bioscan_jax_run_identity")
     _save_config(config, workdir)
     tx, schedule = optim_lib.make_optimizer(_section(config, "optim"), total_steps=total, global_batch=global_batch)
     setup = abstract_train_state(model_factory, tx, mesh, rules, seed=seed, trainable=trainable)
@@ -253,7 +321,8 @@ def train(
             state = apply_warm_start(setup, state, warm_start() if callable(warm_start) else warm_start)
     if start >= total:
         ckpt.close()
-        return TrainResult(setup=setup, state=state, step=start, workdir=workdir, start_step=start)
+        return TrainResult(setup=setup, state=state, step=start, workdir=workdir, start_step=start,
+                           fingerprint=digest)
 
     compute_dtype = jnp.bfloat16 if bool(_opt(t, "bf16", False)) else None
     train_step = make_train_step(setup, loss_fn, tx, schedule=schedule, accum_steps=accum,
@@ -277,7 +346,9 @@ def train(
                 raise NonFiniteLossError(s, m["loss"], last, workdir)
         return fetched
 
+    stop = _StopSignals()
     try:
+        stop.__enter__()
         for step in range(start + 1, total + 1):
             try:
                 local = next(data_iter)
@@ -338,11 +409,21 @@ def train(
                     writer.write(step, results)
                     logger.info("step %d eval: %s", step, results)
             interval["pause"] += time.perf_counter() - t_pause
+            # One process alone cannot stop a multi-process run: they agree at each log step.
+            signum = stop.requested(sync=is_log) if not is_last else None
+            if signum:
+                check_pending()  # a non-finite state is never saved
+                ckpt.save(step, state, data_iter if save_data else None)
+                ckpt.wait()
+                writer.write(step, {"event": f"stopped_by_{signal.Signals(signum).name}"})
+                raise TrainingInterrupted(signum, step, ckpt.latest_step(), workdir)
         ckpt.wait()
     finally:
+        stop.__exit__()
         writer.close()
         ckpt.close()
-    return TrainResult(setup=setup, state=state, step=total, workdir=workdir, start_step=start)
+    return TrainResult(setup=setup, state=state, step=total, workdir=workdir, start_step=start,
+                       fingerprint=digest)
 
 
 def _summarise(records: list[dict[str, float]]) -> dict[str, float]:

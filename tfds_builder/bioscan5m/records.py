@@ -14,6 +14,13 @@ With ``on_bad_record='raise'`` (the default) the first problem raises
 :class:`BadRecordError` naming the file and the record; with ``'skip'`` the record
 is skipped, logged, and counted per reason (the counts land in the dataset's
 metadata). A CSV that lacks a column always raises.
+
+A value outside its valid range keeps its record: ``coord-lat`` outside [-90, 90],
+``coord-lon`` outside [-180, 180], a negative ``image_measurement_value``,
+``area_fraction`` or ``scale_factor``, or any of them not finite
+(:data:`bioscan_jax.data.bold.VALUE_RANGES`) is made missing (NaN) and counted, in both
+modes, as ``out_of_range`` (:data:`CLEARED_REASONS`): the metadata's ``cleared``,
+``cleared_total``, ``cleared_columns`` (per column) and ``cleared_examples``.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import pandas as pd
 from absl import logging
 
 from bioscan_jax.data import schema
+from bioscan_jax.data.bold import VALUE_RANGES
 from tfds_builder.bioscan5m import fields
 from tfds_builder.bioscan5m.sources import MetadataFile
 
@@ -40,6 +48,8 @@ REASONS: tuple[str, ...] = (
     "missing_image",
     "bad_image",
 )
+#: Reasons for a value that is cleared (made missing) while its record is kept; never raised.
+CLEARED_REASONS: tuple[str, ...] = ("out_of_range",)
 ON_BAD_RECORD = ("raise", "skip")
 #: How many skipped records per reason are listed (by name) in the metadata and the log.
 EXAMPLES_KEPT = 20
@@ -59,6 +69,9 @@ class BadRecords:
         self.source = source
         self.counts: collections.Counter[str] = collections.Counter()
         self.examples: dict[str, list[str]] = collections.defaultdict(list)
+        self.cleared: collections.Counter[str] = collections.Counter()
+        self.cleared_columns: collections.Counter[str] = collections.Counter()
+        self.cleared_examples: dict[str, list[str]] = collections.defaultdict(list)
 
     def report(self, reason: str, record: str, detail: str) -> None:
         """Raises (mode 'raise') or counts and logs a skipped record (mode 'skip')."""
@@ -73,6 +86,21 @@ class BadRecords:
             self.examples[reason].append(message)
             logging.warning("Skipping %s [%s]", message, reason)
 
+    def clear(self, reason: str, column: str, count: int, examples: Sequence[tuple[str, str]]) -> None:
+        """Counts ``count`` values of ``column`` made missing (their records are kept), in either
+        mode; ``examples`` are ``(record, detail)`` pairs of the first few, logged and kept."""
+        assert reason in CLEARED_REASONS, reason
+        if not count:
+            return
+        self.cleared[reason] += int(count)
+        self.cleared_columns[column] += int(count)
+        kept = self.cleared_examples[reason]
+        for record, detail in examples[: max(0, EXAMPLES_KEPT - len(kept))]:
+            message = f"{self.source}: record {record}: {detail}"
+            kept.append(message)
+            logging.warning("Clearing %s [%s]; the record is kept", message, reason)
+        logging.warning("%s: %d %s value(s) made missing [%s]", self.source, count, column, reason)
+
     def summary(self) -> dict:
         """JSON-able counts and first examples, for the dataset metadata."""
         return {
@@ -80,6 +108,10 @@ class BadRecords:
             "skipped": {r: int(self.counts.get(r, 0)) for r in REASONS},
             "skipped_total": int(sum(self.counts.values())),
             "skipped_examples": {r: list(v) for r, v in self.examples.items()},
+            "cleared": {r: int(self.cleared.get(r, 0)) for r in CLEARED_REASONS},
+            "cleared_total": int(sum(self.cleared.values())),
+            "cleared_columns": {c: int(n) for c, n in sorted(self.cleared_columns.items())},
+            "cleared_examples": {r: list(v) for r, v in self.cleared_examples.items()},
         }
 
 
@@ -230,6 +262,17 @@ def read(
             p = pid.iloc[row]
             policy.report("duplicate_processid", repr(p), f"duplicate processid (first seen at data row {first_row[p]}, again at {row})")
     keep &= ~dup
+
+    for column, (low, high) in VALUE_RANGES.items():  # out of range -> missing; the record stays
+        values = numeric[column].to_numpy(dtype=np.float64, na_value=np.nan)
+        with np.errstate(invalid="ignore"):
+            outside = keep & ~np.isnan(values) & (~np.isfinite(values) | (values < low) | (values > high))
+        rows = np.flatnonzero(outside)
+        if rows.size:
+            examples = [(repr(pid.iloc[r]), f"{column} value {df[column].iloc[r]!r} is outside [{low:g}, {high:g}]; "
+                         "made missing") for r in rows[:EXAMPLES_KEPT]]
+            policy.clear("out_of_range", column, rows.size, examples)
+            numeric[column] = numeric[column].astype("float64").mask(outside)
 
     for column, values in numeric.items():
         dtype = schema.COLUMN_DTYPES[column]

@@ -1,6 +1,7 @@
 """``bioscan-jax``: released models on your own specimens.
 
   bioscan-jax embed    --model SPEC --input FILE --out OUT.npz
+  bioscan-jax embed    --images --model best.pth --input FOLDER --out OUT.npz
   bioscan-jax index    --model SPEC --reference REF --out DIR
   bioscan-jax identify --model SPEC --reference REF --input FILE --out predictions.tsv
   bioscan-jax convert  --model SPEC --out DIR
@@ -92,14 +93,38 @@ def _novelty(reference, args) -> dict[str, Any]:
         return {"threshold": None, "error": str(e)}
 
 
+def _image_embedder(args):
+    """A CLIBD image tower: a released ``best.pth`` (or hub file) or a CLIBD run directory of
+    this project, with that run's evaluation view (``data.resize``, ``data.normalize_images``)."""
+    from bioscan_jax.convert import hub
+    from bioscan_jax.eval import image_embedder
+    from bioscan_jax.tasks import clibd
+
+    resize, normalize = None, False
+    run_config = pathlib.Path(args.model) / "train" / "config.json"
+    if run_config.exists():
+        data = json.loads(run_config.read_text()).get("data", {})
+        resize, normalize = data.get("resize"), bool(data.get("normalize_images", False))
+    elif not os.path.isfile(args.model) and not (hub.is_hub_id(args.model) and ":" in args.model):
+        raise ValueError(f"--model {args.model}: --images needs a CLIBD best.pth (a file, or a hub file "
+                         f"owner/name:path/best.pth) or a CLIBD run directory with train/config.json")
+    model = clibd.load_towers(args.model)
+    return image_embedder.ImageEmbedder(model, args.model, resize=resize, normalize=normalize)
+
+
 def cmd_embed(args) -> int:
     from bioscan_jax.data import specimens
 
-    frame = specimens.read_barcodes(args.input)
-    embedder = _embedder(args)
+    if args.images:
+        from bioscan_jax.eval import image_embedder
+
+        frame = image_embedder.read_images(args.input)
+        embedder, values = _image_embedder(args), frame["path"].tolist()
+    else:
+        frame = specimens.read_barcodes(args.input)
+        embedder, values = _embedder(args), frame["dna_barcode"].tolist()
     t0 = time.perf_counter()
-    out = embedder.embed(frame["id"].tolist(), frame["dna_barcode"].tolist(), batch_size=args.batch_size,
-                         progress=not args.quiet)
+    out = embedder.embed(frame["id"].tolist(), values, batch_size=args.batch_size, progress=not args.quiet)
     seconds = time.perf_counter() - t0
     path = pathlib.Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -184,9 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--manual-dir", default=None, help="the official BIOSCAN-5M files for bioscan5m references")
         sp.add_argument("--seed", type=int, default=0, help="seed of the novelty calibration's held-out species")
 
-    e = sub.add_parser("embed", help="embeddings of DNA barcodes → OUT.npz (ids, embeddings, status)")
+    e = sub.add_parser("embed", help="embeddings of DNA barcodes (or images) → OUT.npz (ids, embeddings, status)")
     common(e)
-    e.add_argument("--input", required=True)
+    e.add_argument("--input", required=True, help="barcodes: FASTA/TSV/CSV; with --images: a folder or a CSV of paths")
+    e.add_argument("--images", action="store_true", help="embed specimen images with a CLIBD image tower "
+                   "(--model: a CLIBD best.pth or a CLIBD run directory)")
     e.add_argument("--out", required=True)
     e.set_defaults(func=cmd_embed)
 

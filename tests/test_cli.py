@@ -128,3 +128,14 @@ def test_reference_without_a_rank_column_is_named(tmp_path, capsys, real_barcode
     assert frame["family"].isna().all()  # the import keeps the rank, empty
     with pytest.raises(ValueError, match="no order column"):
         identify.labels_of(frame.drop(columns=["order"]))
+
+
+def test_embed_images_needs_a_clibd_model(tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(b"\xff\xd8\xff")
+    assert cli.main(["embed", "--images", "--model", "kmer:4", "--input", str(folder), "--out", str(tmp_path / "o.npz")]) == 1
+    assert "--images needs a CLIBD best.pth" in capsys.readouterr().err
+    assert cli.main(["embed", "--images", "--model", str(tmp_path), "--input", str(tmp_path / "none"),
+                     "--out", str(tmp_path / "o.npz")]) == 1
+    assert "no image folder or list" in capsys.readouterr().err

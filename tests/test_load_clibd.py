@@ -414,3 +414,46 @@ def test_paper_towers_are_those_of_configs_clibd_paper():
     from configs import clibd as clibd_config
 
     assert clibd_ckpt.paper_config() == clibd.model_config(clibd_config.get_config("paper"))
+
+
+def test_embed_images_with_a_released_checkpoint(released, tmp_path):
+    """``bioscan-jax embed --images``: every image gets a row and a status; a good image's row is
+    the image tower's feature of CLIBD's evaluation view; unreadable ones are NaN, not dropped."""
+    import io
+
+    from PIL import Image
+
+    from bioscan_jax import cli
+    from bioscan_jax.convert import clibd as clibd_checkpoint
+    from bioscan_jax.data import images as images_lib
+
+    folder = tmp_path / "specimens"
+    (folder / "plate1").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in ("a", "b", "plate1/c"):
+        buf = io.BytesIO()
+        Image.fromarray((rng.random((40, 52, 3)) * 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+        (folder / f"{name}.jpg").write_bytes(buf.getvalue())
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
+    out = tmp_path / "images.npz"
+    assert cli.main(["embed", "--images", "--quiet", "--model", str(released.path), "--input", str(folder),
+                     "--out", str(out)]) == 0
+    got = np.load(out)
+    assert got["ids"].tolist() == ["a", "b", "broken", "plate1/c"]
+    assert got["status"].tolist() == ["ok", "ok", "cannot decode image", "ok"]
+    assert np.isnan(got["embeddings"][2]).all()
+    model = clibd_checkpoint.load(released.path)
+    size = model.config.image.image_size
+    views = np.stack([images_lib.eval_image((folder / f"{n}.jpg").read_bytes(), resize=round(size * 256 / 224),
+                                            crop=size) for n in ("a", "b", "plate1/c")])
+    want, _ = model.embed("image", {"image": views}, deterministic=True)
+    np.testing.assert_allclose(got["embeddings"][[0, 1, 3]], np.asarray(want), rtol=1e-5, atol=1e-5)
+
+    listing = tmp_path / "list.csv"
+    listing.write_text("id,path\nx,specimens/a.jpg\ny,specimens/missing.jpg\n")
+    assert cli.main(["embed", "--images", "--quiet", "--model", str(released.path), "--input", str(listing),
+                     "--out", str(tmp_path / "list.npz")]) == 0
+    listed = np.load(tmp_path / "list.npz")
+    assert listed["status"].tolist() == ["ok", "no such file"]
+    np.testing.assert_allclose(listed["embeddings"][0], got["embeddings"][0], rtol=1e-5, atol=1e-5)
+    assert cli.main(["embed", "--images", "--model", "kmer:4", "--input", str(folder), "--out", str(out)]) == 1

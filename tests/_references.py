@@ -19,3 +19,15 @@ def bioscan5m_tokens(barcode: str, k: int, max_len: int = 660) -> tuple[list[int
         att[len(x) // k:] = [0] * (len(att) - len(x) // k)
         x = x + "N" * (max_len - len(x))
     return [vocab.get(x[i:i + k], 1) for i in range(0, len(x) - k + 1, k)], att
+
+
+def perturb(module, seed: int):
+    """A torch module with its weights moved well away from their init (LoRA B, which the
+    references initialise to zero, included), so that a wrong mapping cannot pass; eval mode."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    return module.eval()

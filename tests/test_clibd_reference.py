@@ -24,6 +24,8 @@ from bioscan_jax.models import towers, vit
 from bioscan_jax.tasks import clibd
 from configs import clibd as clibd_config
 
+from _references import perturb  # noqa: E402
+
 pytestmark = pytest.mark.torch
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -32,31 +34,24 @@ K, HIDDEN, EMBED = 4, 48, 32
 WORDS = ["diptera", "cecidomyiidae", "not_classified", "hymenoptera", "aus", "bus", "##ae", "##s", "lepidoptera"]
 
 
-def _perturb(module, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.2)
-    return module.eval()
-
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A v1 BarcodeBERT .pth, an HF text-BERT directory with vocab.txt, a timm-layout ViT."""
     tmp = tmp_path_factory.mktemp("clibd_ref")
     bert_cfg = dict(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=12, intermediate_size=64)
-    dna = _perturb(transformers.BertForMaskedLM(transformers.BertConfig(vocab_size=4**K + 3, **bert_cfg)), 0)
+    dna = perturb(transformers.BertForMaskedLM(transformers.BertConfig(vocab_size=4**K + 3, **bert_cfg)), 0)
     torch.save({"module." + k: v for k, v in dna.state_dict().items()}, tmp / "model_41.pth")
 
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
     (tmp / "bert").mkdir()
     (tmp / "bert" / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    text = _perturb(transformers.BertModel(transformers.BertConfig(
+    text = perturb(transformers.BertModel(transformers.BertConfig(
         vocab_size=len(vocab), hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=64)), 1)
     text.save_pretrained(tmp / "bert")
 
-    image = _perturb(transformers.ViTModel(transformers.ViTConfig(
+    image = perturb(transformers.ViTModel(transformers.ViTConfig(
         hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32,
         patch_size=16, layer_norm_eps=1e-6), add_pooling_layer=False), 2)
     ours = vit.ViT(vit.get_variant("Ti/16", hidden_size=HIDDEN, num_layers=2, num_heads=4, mlp_dim=64,
@@ -101,7 +96,7 @@ def _l2(x):
 def test_dna_tower_matches_clibd_dna_encoder(files, real_barcodes_path):
     model, _ = _model(_config(files))
     decoder = torch.nn.Linear(HIDDEN, EMBED)  # CLIBD replaces the MLM decoder with a new Linear
-    _perturb(decoder, 3)
+    perturb(decoder, 3)
     files.dna.cls.predictions.decoder = decoder
     tower = model.dna
     tower.projection.kernel[...] = decoder.weight.detach().numpy().T
@@ -125,7 +120,7 @@ def test_dna_tower_matches_clibd_dna_encoder(files, real_barcodes_path):
 
 def test_text_tower_matches_clibd_language_encoder(files):
     model, vocab = _model(_config(files))
-    proj = _perturb(torch.nn.Linear(HIDDEN, EMBED), 4)
+    proj = perturb(torch.nn.Linear(HIDDEN, EMBED), 4)
     model.text.projection.kernel[...] = proj.weight.detach().numpy().T
     model.text.projection.bias[...] = proj.bias.detach().numpy()
     texts = ["Diptera Cecidomyiidae not_classified not_classified", "Hymenoptera Aus bus Aus bus",
@@ -143,7 +138,7 @@ def test_text_tower_matches_clibd_language_encoder(files):
 
 def test_image_tower_matches_a_timm_layout_vit_with_its_head(files):
     model, _ = _model(_config(files))
-    head = _perturb(torch.nn.Linear(HIDDEN, EMBED), 5)  # reset_classifier(num_classes=768)
+    head = perturb(torch.nn.Linear(HIDDEN, EMBED), 5)  # reset_classifier(num_classes=768)
     model.image.projection.kernel[...] = head.weight.detach().numpy().T
     model.image.projection.bias[...] = head.bias.detach().numpy()
     images = np.random.default_rng(0).random((3, 32, 32, 3)).astype(np.float32)

@@ -21,7 +21,7 @@ from flax import nnx
 from bioscan_jax.convert import barcodebert as bb_load
 from bioscan_jax.convert.hf_bert import ConversionError
 
-from _references import bioscan5m_tokens  # noqa: E402
+from _references import bioscan5m_tokens, perturb  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -40,14 +40,6 @@ def barcodes(real_barcodes_path) -> list[str]:
     seqs[7] = seqs[7][:300]
     return seqs
 
-
-def _perturb(model, seed: int):
-    """Random weights well away from HF's init (so a wrong mapping cannot pass)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.2)
-    return model.eval()
 
 
 def _bert_config(vocab_size: int, **kw):
@@ -97,7 +89,7 @@ def _ours(loaded, seqs) -> np.ndarray:
 
 def test_v1_state_dict_of_ddp_bert_for_masked_lm(tmp_path, barcodes):
     k = 4
-    model = _perturb(transformers.BertForMaskedLM(_bert_config(4**k + 3)), 0)
+    model = perturb(transformers.BertForMaskedLM(_bert_config(4**k + 3)), 0)
     path = tmp_path / "new_model_4.pth"
     torch.save({"module." + key: v for key, v in model.state_dict().items()}, path)
     loaded = bb_load.load(path)
@@ -119,7 +111,7 @@ def test_v1_rows_are_moved_explicitly():
 def test_barcodebert_training_checkpoint_is_read_without_running_its_pickle(tmp_path, barcodes):
     k = 5
     cfg = _bert_config(4**k + 2, num_attention_heads=4, num_labels=4**k)
-    model = _perturb(transformers.BertForTokenClassification(cfg), 1)
+    model = perturb(transformers.BertForTokenClassification(cfg), 1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-4, total_steps=10)
     marker = tmp_path / "executed"
@@ -150,7 +142,7 @@ def test_barcodebert_training_checkpoint_is_read_without_running_its_pickle(tmp_
 def test_hugging_face_directory_sizes_come_from_config_json(tmp_path, barcodes, arch):
     k = 4
     cfg = _bert_config(4**k + 2, num_hidden_layers=3, num_attention_heads=6, num_labels=4**k)
-    model = _perturb(getattr(transformers, arch)(cfg), 2)
+    model = perturb(getattr(transformers, arch)(cfg), 2)
     model.save_pretrained(tmp_path / "hf")
     loaded = bb_load.load(tmp_path / "hf")
     assert loaded.format == "hf" and (loaded.config.num_layers, loaded.config.num_heads) == (3, 6)
@@ -160,7 +152,7 @@ def test_hugging_face_directory_sizes_come_from_config_json(tmp_path, barcodes, 
 @pytest.mark.parametrize("prefix", bb_load.CLIBD_DNA_PREFIXES)
 def test_clibd_checkpoint_dna_tower(tmp_path, barcodes, prefix):
     k = 5
-    dna = _perturb(transformers.BertForMaskedLM(_bert_config(4**k + 3)), 3)
+    dna = perturb(transformers.BertForMaskedLM(_bert_config(4**k + 3)), 3)
     sd = {prefix + key: v for key, v in dna.state_dict().items()}
     sd["image_encoder.base_image_encoder.cls_token"] = torch.zeros(1, 1, 8)
     sd["logit_scale"] = torch.tensor(2.659)
@@ -217,7 +209,7 @@ def test_convert_writes_a_model_directory_that_is_itself_a_spec(tmp_path, barcod
     from bioscan_jax.tasks import clibd
 
     k = 4
-    model = _perturb(transformers.BertForMaskedLM(_bert_config(4**k + 3)), 3)
+    model = perturb(transformers.BertForMaskedLM(_bert_config(4**k + 3)), 3)
     path = tmp_path / "new_model_4.pth"
     torch.save({"module." + key: v for key, v in model.state_dict().items()}, path)
     out = tmp_path / "converted"

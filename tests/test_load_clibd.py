@@ -24,6 +24,7 @@ from bioscan_jax.convert.hf_bert import ConversionError
 from bioscan_jax.data import dna as dna_lib
 
 from test_load_barcodebert import v1_reference_ids  # noqa: E402  (CLIBD's get_sequence_pipeline ids)
+from _references import perturb  # noqa: E402
 
 pytestmark = pytest.mark.torch
 torch = pytest.importorskip("torch")
@@ -206,19 +207,11 @@ class SimpleCLIP(nn.Module):
         self.logit_scale = nn.Parameter(torch.ones([]) * np.log(1 / 0.07))
 
 
-def _perturb(module, seed):
-    """Weights well away from init (LoRA B included, which the reference initialises to zero)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.2)
-    return module.eval()
-
 
 def _write(tmp, name, *, old_names, bert_lora, seed):
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
     (tmp / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    model = _perturb(SimpleCLIP(len(vocab), old_names=old_names, bert_lora=bert_lora), seed)
+    model = perturb(SimpleCLIP(len(vocab), old_names=old_names, bert_lora=bert_lora), seed)
     sd = model.state_dict()
     # transformers 4.29.2 (clibd's pin) saved BertEmbeddings.position_ids
     dna_root = "dna_encoder." + model.dna_encoder.attr + ".bert.embeddings."

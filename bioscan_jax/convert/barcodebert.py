@@ -46,7 +46,6 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -55,7 +54,7 @@ from bioscan_jax.convert import hf_bert
 from bioscan_jax.convert import torch_pickle
 from bioscan_jax.convert.hf_bert import ConversionError
 from bioscan_jax.data import dna as dna_lib
-from bioscan_jax.models import kmer_bert
+from bioscan_jax.models import kmer_bert, towers
 
 FORMATS = ("hf", "training", "v1", "clibd")
 #: Heads of the released v1 models (the file does not say).
@@ -377,24 +376,6 @@ def load_workdir(path: str | os.PathLike, *, variant: str | None = None,
     step = latest_step(stage_dir / "checkpoints")
     params = restore_params(stage_dir / "checkpoints", step)
     model = kmer_bert.KmerBert(cfg, rngs=nnx.Rngs(0))
-    _assign(model, params.get("bert", params), str(stage_dir))
+    towers.load_params(model, params.get("bert", params), f"encoder in {stage_dir}")
     return Loaded(model=model, config=cfg, format=fmt, protocol=protocol, source=f"{stage_dir} (step {step})")
 
-
-def _assign(model: nnx.Module, values: Mapping[str, Any], where: str) -> None:
-    """Sets ``model``'s parameters from the pure dict ``values``, naming any mismatched tensor."""
-    def flat(tree):  # layer indices are ints in the model, strings after an orbax round trip
-        return {".".join(str(getattr(k, "key", k)) for k in path): x
-                for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-    state = nnx.state(model, nnx.Param)
-    want, have = flat(state.to_pure_dict()), flat(dict(values))
-    missing = sorted(set(want) - set(have))
-    if missing:
-        raise ConversionError(f"{where}: the checkpoint lacks {missing[:5]} ({len(missing)} tensors) of the model")
-    for key, target in want.items():
-        if tuple(np.shape(have[key])) != tuple(np.shape(target)):
-            raise ConversionError(f"{where}: {key}: checkpoint shape {np.shape(have[key])} "
-                                  f"!= model shape {np.shape(target)}")
-    state.replace_by_pure_dict(dict(values))
-    nnx.update(model, state)

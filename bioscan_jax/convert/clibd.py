@@ -199,6 +199,16 @@ def _lora_delta(a: np.ndarray, b: np.ndarray, out_dim: int, in_dim: int, names: 
     return (b.astype(np.float64) @ a.astype(np.float64)).astype(np.float32)
 
 
+def _replace_with_merged(sd: dict[str, np.ndarray], base: str, weight: np.ndarray, wrapper_keys, bias_key: str) -> None:
+    """In ``sd``: the LoRA wrapper's tensors (``wrapper_keys``) become the plain Linear
+    ``<base>.weight`` (the merged ``weight``) and ``<base>.bias`` (the wrapped Linear's bias)."""
+    for k in wrapper_keys:
+        del sd[k]
+    sd[base + ".weight"] = weight
+    if bias_key in sd:
+        sd[base + ".bias"] = sd.pop(bias_key)
+
+
 def merge_lora(sd: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
     """``(state dict with every LoRA wrapper merged into a plain Linear, merged Linear names)``.
 
@@ -222,11 +232,7 @@ def merge_lora(sd: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], lis
             d = w.shape[1]
             w[:d] += _lora_delta(a_q, b_q, d, d, (parts[0], parts[1]))
             w[-d:] += _lora_delta(a_v, b_v, d, d, (parts[2], parts[3]))
-            for k in (key, *parts):
-                del out[k]
-            out[base + ".weight"] = w
-            if base + ".qkv.bias" in out:
-                out[base + ".bias"] = out.pop(base + ".qkv.bias")
+            _replace_with_merged(out, base, w, (key, *parts), base + ".qkv.bias")
             merged.append(base)
         elif m := _BERT_LORA.match(key):
             base = m.group("base")
@@ -234,11 +240,7 @@ def merge_lora(sd: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], lis
             a, b = _need(sd, parts, key)
             w = np.array(sd[key], np.float32)
             w += _lora_delta(a, b, w.shape[0], w.shape[1], (parts[0], parts[1]))
-            for k in (key, *parts):
-                del out[k]
-            out[base + ".weight"] = w
-            if base + ".w.bias" in out:
-                out[base + ".bias"] = out.pop(base + ".w.bias")
+            _replace_with_merged(out, base, w, (key, *parts), base + ".w.bias")
             merged.append(base)
     return out, merged
 

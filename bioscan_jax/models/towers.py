@@ -233,7 +233,7 @@ def _plain_path(path) -> tuple[Any, ...]:
     return tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
 
 
-def _load_params(module: nnx.Module, state: nnx.State | Mapping[str, Any], what: str) -> None:
+def load_params(module: nnx.Module, state: nnx.State | Mapping[str, Any], what: str) -> None:
     """Copies ``state`` (an ``nnx.State`` or pure dict of ``module``'s ``nnx.Param``s) into
     ``module`` in place; shapes must match exactly, a mismatch lists the differing paths."""
     target = nnx.state(module, nnx.Param)
@@ -244,7 +244,7 @@ def _load_params(module: nnx.Module, state: nnx.State | Mapping[str, Any], what:
     if want != have:
         diff = sorted(".".join(map(str, p)) for p in set(want) ^ set(have)
                       | {p for p in set(want) & set(have) if want[p] != have[p]})
-        raise ValueError(f"pretrained {what} does not match the tower: {diff[:10]}")
+        raise ValueError(f"pretrained {what} does not match the model: {diff[:10]}")
     target.replace_by_pure_dict(pure)
     nnx.update(module, target)
 
@@ -255,7 +255,7 @@ def load_encoder_state(model: ClibdModel, modality: str, state: nnx.State | Mapp
 
     Shapes must match exactly; a mismatch raises ``ValueError`` listing the differing paths.
     """
-    _load_params(encoder_of(model, modality), state, f"{modality} encoder")
+    load_params(encoder_of(model, modality), state, f"{modality} encoder")
 
 
 def load_dna_transform(model: ClibdModel, state: Mapping[str, Any]) -> None:
@@ -264,4 +264,4 @@ def load_dna_transform(model: ClibdModel, state: Mapping[str, Any]) -> None:
     tower = getattr(model, "dna", None)
     if tower is None or tower.transform is None:
         raise ValueError("the model has no reference-mode DNA tower (tower_mode='reference') to take an MLM transform")
-    _load_params(tower.transform, state, "DNA MLM transform")
+    load_params(tower.transform, state, "DNA MLM transform")

@@ -260,7 +260,7 @@ def _checkpoint_dir(path: str) -> str | None:
     """The orbax checkpoint directory under a BarcodeBERT/CLIBD workdir path, if any."""
     for candidate in (path, os.path.join(path, "checkpoints"), os.path.join(path, "pretrain", "checkpoints"),
                       os.path.join(path, "train", "checkpoints")):
-        if os.path.isdir(candidate) and any(n.isdigit() for n in os.listdir(candidate)):
+        if checkpoint_lib.complete_steps(candidate):
             return candidate
     return None
 

@@ -186,7 +186,7 @@ class Checkpointer:
         if jax.process_index() == 0:
             for partial in self.directory.glob("*.orbax-checkpoint-tmp*"):
                 shutil.rmtree(str(partial), ignore_errors=True)
-        complete = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+        complete = complete_steps(self.directory)
         free = shutil.disk_usage(str(self.directory)).free
         kept = (f"checkpoint {complete[-1]} is intact" if complete else "no earlier checkpoint exists")
         raise DiskFullError(
@@ -281,13 +281,19 @@ class Checkpointer:
 # -- parameters only ----------------------------------------------------------------------------
 
 
+def complete_steps(checkpoint_dir: str | epath.PathLike) -> list[int]:
+    """The complete checkpoint steps in ``checkpoint_dir``, ascending (orbax renames a step's
+    directory to its number only when it is whole); ``[]`` when there is no such directory."""
+    directory = epath.Path(checkpoint_dir)
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
+
+
 def latest_step(checkpoint_dir: str | epath.PathLike) -> int:
     """The newest complete checkpoint step in ``checkpoint_dir`` (``FileNotFoundError`` if none)."""
-    directory = epath.Path(checkpoint_dir)
-    steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()] if directory.is_dir() else []
+    steps = complete_steps(checkpoint_dir)
     if not steps:
-        raise FileNotFoundError(f"no checkpoint in {directory}")
-    return max(steps)
+        raise FileNotFoundError(f"no checkpoint in {checkpoint_dir}")
+    return steps[-1]
 
 
 def restore_params(checkpoint_dir: str | epath.PathLike, step: int | None = None) -> dict[str, Any]:

@@ -346,80 +346,78 @@ def train(
                 raise NonFiniteLossError(s, m["loss"], last, workdir)
         return fetched
 
-    stop = _StopSignals()
     try:
-        stop.__enter__()
-        for step in range(start + 1, total + 1):
-            try:
-                local = next(data_iter)
-            except StopIteration:
-                raise RuntimeError(
-                    f"the data iterator ran out before step {step} of {total}; make the training "
-                    f"pipeline repeat (num_epochs=None) or lower config.train.steps/epochs") from None
-            lead = {k: np.shape(v)[0] if np.ndim(v) else None for k, v in local.items()}
-            if any(n != local_batch for n in lead.values()):
-                raise ValueError(
-                    f"the data iterator yielded a batch with leading sizes {lead}; expected "
-                    f"{local_batch} (config.train.batch_size={global_batch} over "
-                    f"{jax.process_count()} process(es)). Use drop_remainder=True and the same batch size")
-            batch = mesh_lib.to_global_batch(local, mesh)
-            state, metrics = train_step(state, batch)
-            pending.append((step, metrics))
-            if first_step_s is None:
-                jax.block_until_ready(metrics)
-                first_step_s = time.perf_counter() - interval["t0"]
-                interval = {"steps": 0, "t0": time.perf_counter(), "pause": 0.0}
-            else:
-                interval["steps"] += 1
-            writer.progress(step)
+        with _StopSignals() as stop:
+            for step in range(start + 1, total + 1):
+                try:
+                    local = next(data_iter)
+                except StopIteration:
+                    raise RuntimeError(
+                        f"the data iterator ran out before step {step} of {total}; make the training "
+                        f"pipeline repeat (num_epochs=None) or lower config.train.steps/epochs") from None
+                lead = {k: np.shape(v)[0] if np.ndim(v) else None for k, v in local.items()}
+                if any(n != local_batch for n in lead.values()):
+                    raise ValueError(
+                        f"the data iterator yielded a batch with leading sizes {lead}; expected "
+                        f"{local_batch} (config.train.batch_size={global_batch} over "
+                        f"{jax.process_count()} process(es)). Use drop_remainder=True and the same batch size")
+                batch = mesh_lib.to_global_batch(local, mesh)
+                state, metrics = train_step(state, batch)
+                pending.append((step, metrics))
+                if first_step_s is None:
+                    jax.block_until_ready(metrics)
+                    first_step_s = time.perf_counter() - interval["t0"]
+                    interval = {"steps": 0, "t0": time.perf_counter(), "pause": 0.0}
+                else:
+                    interval["steps"] += 1
+                writer.progress(step)
 
-            is_last = step == total
-            is_log = step % log_every == 0 or is_last
-            is_ckpt = (ckpt_every > 0 and step % ckpt_every == 0) or is_last
-            is_eval = bool(evaluators) and ((eval_every > 0 and step % eval_every == 0) or is_last)
-            if is_log or is_ckpt or is_eval:
-                fetched = check_pending()
-                interval_records.extend(m for _, m in fetched)
-            if is_log and interval_records:
-                now = time.perf_counter()
-                record = _summarise(interval_records)
-                dt = now - interval["t0"] - interval["pause"]  # checkpoint/eval time excluded
-                if interval["steps"] > 0 and dt > 0:
-                    record["samples_per_s"] = interval["steps"] * global_batch / dt
-                    record["steps_per_s"] = interval["steps"] / dt
-                    if "num_tokens" in record:
-                        record["tokens_per_s"] = record["num_tokens"] * interval["steps"] / dt
-                if first_step_s is not None and step - start <= log_every:
-                    record["first_step_s"] = first_step_s
-                if steps_per_epoch:
-                    record["epoch"] = step / steps_per_epoch
-                writer.write(step, record)
-                writer.progress(step, loss=record["loss"],
-                                **({"samples/s": record["samples_per_s"]} if "samples_per_s" in record else {}))
-                interval = {"steps": 0, "t0": time.perf_counter(), "pause": 0.0}
-                interval_records = []
-            t_pause = time.perf_counter()
-            if is_ckpt:
-                ckpt.save(step, state, data_iter if save_data else None)
-            if is_eval:
-                results: dict[str, Any] = {}
-                for evaluator in evaluators:
-                    results.update(dict(evaluator(step, state, setup)))
-                if results:
-                    writer.write(step, results)
-                    logger.info("step %d eval: %s", step, results)
-            interval["pause"] += time.perf_counter() - t_pause
-            # One process alone cannot stop a multi-process run: they agree at each log step.
-            signum = stop.requested(sync=is_log) if not is_last else None
-            if signum:
-                check_pending()  # a non-finite state is never saved
-                ckpt.save(step, state, data_iter if save_data else None)
-                ckpt.wait()
-                writer.write(step, {"event": f"stopped_by_{signal.Signals(signum).name}"})
-                raise TrainingInterrupted(signum, step, ckpt.latest_step(), workdir)
-        ckpt.wait()
+                is_last = step == total
+                is_log = step % log_every == 0 or is_last
+                is_ckpt = (ckpt_every > 0 and step % ckpt_every == 0) or is_last
+                is_eval = bool(evaluators) and ((eval_every > 0 and step % eval_every == 0) or is_last)
+                if is_log or is_ckpt or is_eval:
+                    fetched = check_pending()
+                    interval_records.extend(m for _, m in fetched)
+                if is_log and interval_records:
+                    now = time.perf_counter()
+                    record = _summarise(interval_records)
+                    dt = now - interval["t0"] - interval["pause"]  # checkpoint/eval time excluded
+                    if interval["steps"] > 0 and dt > 0:
+                        record["samples_per_s"] = interval["steps"] * global_batch / dt
+                        record["steps_per_s"] = interval["steps"] / dt
+                        if "num_tokens" in record:
+                            record["tokens_per_s"] = record["num_tokens"] * interval["steps"] / dt
+                    if first_step_s is not None and step - start <= log_every:
+                        record["first_step_s"] = first_step_s
+                    if steps_per_epoch:
+                        record["epoch"] = step / steps_per_epoch
+                    writer.write(step, record)
+                    writer.progress(step, loss=record["loss"],
+                                    **({"samples/s": record["samples_per_s"]} if "samples_per_s" in record else {}))
+                    interval = {"steps": 0, "t0": time.perf_counter(), "pause": 0.0}
+                    interval_records = []
+                t_pause = time.perf_counter()
+                if is_ckpt:
+                    ckpt.save(step, state, data_iter if save_data else None)
+                if is_eval:
+                    results: dict[str, Any] = {}
+                    for evaluator in evaluators:
+                        results.update(dict(evaluator(step, state, setup)))
+                    if results:
+                        writer.write(step, results)
+                        logger.info("step %d eval: %s", step, results)
+                interval["pause"] += time.perf_counter() - t_pause
+                # One process alone cannot stop a multi-process run: they agree at each log step.
+                signum = stop.requested(sync=is_log) if not is_last else None
+                if signum:
+                    check_pending()  # a non-finite state is never saved
+                    ckpt.save(step, state, data_iter if save_data else None)
+                    ckpt.wait()
+                    writer.write(step, {"event": f"stopped_by_{signal.Signals(signum).name}"})
+                    raise TrainingInterrupted(signum, step, ckpt.latest_step(), workdir)
+            ckpt.wait()
     finally:
-        stop.__exit__()
         writer.close()
         ckpt.close()
     return TrainResult(setup=setup, state=state, step=total, workdir=workdir, start_step=start,

@@ -25,6 +25,8 @@ import shutil
 from collections.abc import Mapping
 from typing import Any
 
+from bioscan_jax.train import checkpoint
+
 logger = logging.getLogger(__name__)
 
 RESUME_MODES = ("auto", "restart", "force")
@@ -99,8 +101,7 @@ def differences(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 4) 
 
 
 def has_checkpoints(workdir: str) -> bool:
-    directory = os.path.join(workdir, "checkpoints")
-    return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+    return bool(checkpoint.complete_steps(os.path.join(workdir, "checkpoints")))
 
 
 def read(workdir: str) -> dict[str, Any] | None:

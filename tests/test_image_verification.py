@@ -1,4 +1,4 @@
-"""Build-time image verification: ``sources.verify_jpeg`` and the builder's ``verify_images``.
+"""Build-time image verification: ``jpeg_check.verify_jpeg`` and the builder's ``verify_images``.
 
 PIL silences libjpeg's warnings, so a JPEG whose entropy-coded data were overwritten
 usually *loads* without any error; these tests pin that ``verify_jpeg`` still rejects it
@@ -16,7 +16,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from bioscan_jax.data import schema
-from tfds_builder.bioscan5m import BadRecordError, make_dummy_data, sources
+from tfds_builder.bioscan5m import BadRecordError, jpeg_check, make_dummy_data
 from test_tfds_builder import _build, _image, _tree  # the official-layout copy of dummy_data/ to break
 
 EOI = b"\xff\xd9"
@@ -65,15 +65,15 @@ def _overwritten(data: bytes, fraction: float, span: int = 256, seed: int = 1) -
 
 @pytest.mark.parametrize("draft", [True, False])
 def test_a_valid_jpeg_passes(good, draft):
-    assert sources.verify_jpeg(good, draft=draft) is None
+    assert jpeg_check.verify_jpeg(good, draft=draft) is None
     grey = _jpeg(_noisy(3, (97, 131))[..., 0], quality=75)
-    assert sources.verify_jpeg(grey, draft=draft) is None
+    assert jpeg_check.verify_jpeg(grey, draft=draft) is None
 
 
 def test_every_dummy_data_image_passes():
     paths = sorted(pathlib.Path(make_dummy_data.DUMMY_DIR, schema.IMAGES_RELDIR).rglob("*.jpg"))
     assert len(paths) == 4 * 16
-    assert {str(p): sources.verify_jpeg(p.read_bytes()) for p in paths} == {str(p): None for p in paths}
+    assert {str(p): jpeg_check.verify_jpeg(p.read_bytes()) for p in paths} == {str(p): None for p in paths}
 
 
 def test_a_fine_pattern_whose_draft_is_constant_is_not_called_constant():
@@ -83,7 +83,7 @@ def test_a_fine_pattern_whose_draft_is_constant_is_not_called_constant():
     draft = Image.open(io.BytesIO(data))
     draft.draft("RGB", (8, 8))
     assert draft.getextrema() == ((128, 128),) * 3  # at 1/8 scale it looks constant ...
-    assert sources.verify_jpeg(data) is None  # ... so it is confirmed at full size
+    assert jpeg_check.verify_jpeg(data) is None  # ... so it is confirmed at full size
 
 
 # ----------------------------------------------------------------------------- bad images fail
@@ -92,34 +92,34 @@ def test_a_fine_pattern_whose_draft_is_constant_is_not_called_constant():
 def test_a_jpeg_truncated_mid_data_fails(good, monkeypatch):
     start, end = _scan(good)
     cut = good[: (start + end) // 2]
-    assert "truncated" in sources.verify_jpeg(cut)
+    assert "truncated" in jpeg_check.verify_jpeg(cut)
     # Truncated with an end-of-image marker appended: found by decoding, not by the structure.
     patched = cut + EOI
-    assert sources.jpeg_problem(patched) is None
-    assert "premature end" in sources.verify_jpeg(patched)
+    assert jpeg_check.jpeg_problem(patched) is None
+    assert "premature end" in jpeg_check.verify_jpeg(patched)
     # PIL's permissive mode does not change the verdict (the decoder is driven directly).
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
-    assert "premature end" in sources.verify_jpeg(patched)
-    assert "truncated" in sources.verify_jpeg(cut)
+    assert "premature end" in jpeg_check.verify_jpeg(patched)
+    assert "truncated" in jpeg_check.verify_jpeg(cut)
 
 
 @pytest.mark.parametrize("draft", [True, False])
 @pytest.mark.parametrize("fraction", [1 / 3, 1 / 2, 2 / 3])
 def test_bytes_overwritten_inside_the_scan_data_fail(good, fraction, draft, monkeypatch):
     bad = _overwritten(good, fraction)
-    assert sources.jpeg_problem(bad) is None  # the structure is intact
-    problem = sources.verify_jpeg(bad, draft=draft)
+    assert jpeg_check.jpeg_problem(bad) is None  # the structure is intact
+    problem = jpeg_check.verify_jpeg(bad, draft=draft)
     assert problem is not None and problem.startswith("corrupt JPEG data"), problem
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
-    assert sources.verify_jpeg(bad, draft=draft) == problem
+    assert jpeg_check.verify_jpeg(bad, draft=draft) == problem
 
 
 def test_bytes_left_over_after_the_image_fail(good):
     """Extra bytes before the end-of-image marker: libjpeg's 'extraneous bytes', which PIL ignores."""
     _, end = _scan(good)
     padded = good[:end] + b"\x12\x34" * 50 + good[end:]
-    assert sources.jpeg_problem(padded) is None
-    assert "complete before the end" in sources.verify_jpeg(padded)
+    assert jpeg_check.jpeg_problem(padded) is None
+    assert "complete before the end" in jpeg_check.verify_jpeg(padded)
 
 
 @pytest.mark.parametrize(
@@ -133,22 +133,56 @@ def test_bytes_left_over_after_the_image_fail(good):
 )
 @pytest.mark.parametrize("draft", [True, False])
 def test_a_constant_jpeg_fails(array, colour, draft):
-    assert sources.verify_jpeg(_jpeg(array, quality=90), draft=draft) == f"constant image (every pixel is {colour})"
+    assert jpeg_check.verify_jpeg(_jpeg(array, quality=90), draft=draft) == f"constant image (every pixel is {colour})"
     one_off = array.copy()
     one_off[0, 0] = 255  # a single different pixel is not constant
-    assert sources.verify_jpeg(_jpeg(one_off, quality=90), draft=draft) is None
+    assert jpeg_check.verify_jpeg(_jpeg(one_off, quality=90), draft=draft) is None
 
 
 def test_a_png_fails_as_not_a_jpeg():
     buf = io.BytesIO()
     Image.fromarray(_noisy()).save(buf, format="PNG")
-    assert "not a JPEG" in sources.verify_jpeg(buf.getvalue())
+    assert "not a JPEG" in jpeg_check.verify_jpeg(buf.getvalue())
 
 
 def test_markers_around_junk_fail():
     junk = b"\xff\xd8\xff\xe0" + b"x" * 10 + EOI
-    assert sources.jpeg_problem(junk) is None
-    assert sources.verify_jpeg(junk).startswith("unreadable JPEG header")
+    assert jpeg_check.jpeg_problem(junk) is None
+    assert jpeg_check.verify_jpeg(junk).startswith("unreadable JPEG header")
+
+
+# ----------------------------------------------------------------------------- checking processes
+
+
+@pytest.mark.parametrize("workers", [0, 1, 3])
+def test_checker_processes_answer_each_chunk_in_order_as_verify_jpeg_does(good, workers):
+    kinds = [good, _overwritten(good, 0.5), _jpeg(np.zeros((8, 8, 3), np.uint8)), good[: len(good) // 2], b"GIF89a..."]
+    chunks = [(f"chunk{i}", [kinds[(i + j) % len(kinds)] for j in range(i % 4)]) for i in range(11)]  # some empty
+    with jpeg_check.CheckerProcesses(workers) as checkers:
+        answers = list(checkers.map(iter(chunks)))
+    assert [key for key, _ in answers] == [key for key, _ in chunks]
+    assert [a for _, a in answers] == [[jpeg_check.verify_jpeg(d) for d in datas] for _, datas in chunks]
+    assert any(a is None for _, chunk in answers for a in chunk) and any(a for _, chunk in answers for a in chunk)
+
+
+def test_a_checking_process_that_dies_is_one_clear_error_naming_the_chunk(good):
+    import sys
+
+    dies = (sys.executable, "-c", "import sys; sys.stdin.buffer.read(1); sys.exit(3)")
+    with pytest.raises(jpeg_check.CheckerDied, match=r"stopped while checking the chunk 'DMY1'\.\.'DMY9' \(exit code 3\)"):
+        with jpeg_check.CheckerProcesses(1, command=dies) as checkers:
+            list(checkers.map([("'DMY1'..'DMY9'", [good])]))
+
+
+def test_a_worker_runs_without_this_package_or_tensorflow(good, tmp_path):
+    """The worker command is the module file run in isolated mode: only PIL and the stdlib."""
+    import pickle
+    import subprocess
+
+    chunk = [good, good[:100]]
+    out = subprocess.run([*jpeg_check.WORKER_COMMAND], input=pickle.dumps(chunk), capture_output=True, check=True,
+                         cwd=tmp_path, timeout=60)
+    assert pickle.loads(out.stdout) == [None, jpeg_check.verify_jpeg(good[:100])]
 
 
 # ----------------------------------------------------------------------------- the builder
@@ -162,12 +196,14 @@ def _corrupt_inside_jpeg() -> bytes:
     return _overwritten(_jpeg(_noisy(), quality=90), 0.5)
 
 
+@pytest.mark.parametrize("workers", [0, 2], ids=["in-process", "2-checker-processes"])
 @pytest.mark.parametrize("make, detail", [(_corrupt_inside_jpeg, "corrupt JPEG data"), (_constant_jpeg, "constant image")],
                          ids=["corrupt-inside", "constant"])
-def test_builder_raises_or_skips_and_counts_an_image_that_only_decoding_finds(tmp_path, make, detail):
+def test_builder_raises_or_skips_and_counts_an_image_that_only_decoding_finds(tmp_path, make, detail, workers, monkeypatch):
+    monkeypatch.setattr(jpeg_check, "default_worker_count", lambda: workers)
     root = _tree(tmp_path)
     bad = make()
-    assert sources.jpeg_problem(bad) is None  # the old structural check lets it through
+    assert jpeg_check.jpeg_problem(bad) is None  # the old structural check lets it through
     _image(root, "DMY104-24").write_bytes(bad)
     with pytest.raises(BadRecordError, match=rf"record 'DMY104-24': {detail}.*DMY104-24\.jpg.*\[bad_image\]"):
         _build("cropped_256", tmp_path / "raise", root)

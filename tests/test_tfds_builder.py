@@ -423,12 +423,12 @@ def test_builder_imports_register_without_tensorflow_import():
 
 
 def test_image_zip_names():
-    from tfds_builder.bioscan5m import sources
+    from tfds_builder.bioscan5m import jpeg_check, sources
 
     pat = sources.image_zip_pattern("cropped_256")
     for ok in ("BIOSCAN_5M_cropped_256.zip", "BIOSCAN_5M_cropped_256_pretrain.01.zip", "BIOSCAN_5M_cropped_256_eval.zip"):
         assert pat.fullmatch(ok)
     assert not sources.image_zip_pattern("cropped").fullmatch("BIOSCAN_5M_cropped_256.zip")
     assert sources.image_zip_pattern("original_full").fullmatch("BIOSCAN_5M_original_full.03.zip")
-    assert sources.jpeg_problem(b"\xff\xd8\xff\xe0" + b"x" * 10 + b"\xff\xd9") is None
-    assert "truncated" in sources.jpeg_problem(b"\xff\xd8\xff\xe0" + b"x" * 10)
+    assert jpeg_check.jpeg_problem(b"\xff\xd8\xff\xe0" + b"x" * 10 + b"\xff\xd9") is None
+    assert "truncated" in jpeg_check.jpeg_problem(b"\xff\xd8\xff\xe0" + b"x" * 10)

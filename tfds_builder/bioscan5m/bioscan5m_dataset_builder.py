@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import time
 
@@ -14,12 +13,13 @@ from etils import epath
 
 from bioscan_jax.data import schema
 from tfds_builder.bioscan5m import fields
+from tfds_builder.bioscan5m import jpeg_check
 from tfds_builder.bioscan5m import records
 from tfds_builder.bioscan5m import sources
 
 _HOMEPAGE = "https://biodiversitygenomics.net/5M-insects/"
-#: Records whose images are verified in one go on the checking thread (bytes held: ~20 KB each).
-CHECK_CHUNK = 256
+#: Records whose images are sent to a checking process in one go (small, so that each split's first chunk is soon answered; bytes held: ~20 KB each).
+CHECK_CHUNK = 64
 
 
 def _chunks(iterable, size):
@@ -123,9 +123,11 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     * ``verify_md5``: check the metadata CSV against the official md5 when it is named
       like the official file (default ``True``; synthetic configs never check).
     * ``verify_images``: decode every image with PIL before it is written
-      (:func:`sources.verify_jpeg`: corrupt entropy-coded data, constant images; default
-      ``True``); ``False`` keeps only the cheap structural check (:func:`sources.jpeg_problem`:
+      (:func:`jpeg_check.verify_jpeg`: corrupt entropy-coded data, constant images; default
+      ``True``); ``False`` keeps only the cheap structural check (:func:`jpeg_check.jpeg_problem`:
       not a JPEG, no end-of-image marker). Either way a bad image is a ``bad_image`` record.
+    * ``image_check_workers``: processes that decode the images beside the writer (default
+      :func:`jpeg_check.default_worker_count`: one per spare core; ``0`` decodes in this process).
     * ``file_format``: defaults to ``array_record`` (random access for
       ``tfds.data_source``; ``as_dataset``/``tfds.load`` read it too, see README).
     """
@@ -163,12 +165,14 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         return epath.Path(__file__)
 
     def __init__(self, *, on_bad_record: str = "raise", verify_md5: bool = True, verify_images: bool = True,
-                 file_format=None, **kwargs):
+                 image_check_workers: int | None = None, file_format=None, **kwargs):
         if on_bad_record not in records.ON_BAD_RECORD:
             raise ValueError(f"on_bad_record must be one of {records.ON_BAD_RECORD}, got {on_bad_record!r}")
         self._on_bad_record = on_bad_record
         self._verify_md5 = verify_md5
         self._verify_images = bool(verify_images)
+        self._check_workers = jpeg_check.default_worker_count() if image_check_workers is None else int(image_check_workers)
+        self._checkers: jpeg_check.CheckerProcesses | None = None
         super().__init__(file_format=file_format, **kwargs)
         # Default to array_record for new datasets; keep the format of prepared ones.
         if file_format is None and not (self.data_path / "dataset_info.json").exists():
@@ -263,14 +267,14 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         """Writes the current skip counts into the dataset metadata (saved after generation)."""
         self.info.metadata.update(self._policy.summary())
 
-    def _checked_images(self, examples, images: sources.ImageStore, check):
+    def _checked_images(self, examples, images: sources.ImageStore):
         """``(example, jpeg bytes, problem)`` in order; ``(example, None, FileNotFoundError)`` for
         a missing image.
 
-        The bytes are read here, in order (one zip handle). With ``verify_images`` the checks (a
-        decode with :func:`sources.verify_jpeg`; PIL releases the GIL while it decodes) run on a
-        second thread, :data:`CHECK_CHUNK` records at a time, while the writer serialises the
-        previous chunk.
+        The bytes are read here, in order (one zip handle). With ``verify_images`` the decodes
+        (:func:`jpeg_check.verify_jpeg`) run in checking processes
+        (:class:`jpeg_check.CheckerProcesses`, one per spare core), :data:`CHECK_CHUNK` records
+        at a time, while this process serialises and writes the previous chunk.
         """
 
         def read(example):
@@ -279,31 +283,38 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             except FileNotFoundError as e:
                 return example, None, e
 
-        def check_all(items):
-            return [(example, data, missing if data is None else check(data)) for example, data, missing in items]
-
         chunks = (list(map(read, chunk)) for chunk in _chunks(examples, CHECK_CHUNK))
         if not self._verify_images:  # the structural check is too cheap to hand off
             for items in chunks:
-                yield from check_all(items)
+                for example, data, missing in items:
+                    yield example, data, missing if data is None else jpeg_check.jpeg_problem(data)
             return
-        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            previous = None
-            for items in chunks:
-                current = pool.submit(check_all, items)
-                if previous is not None:
-                    yield from previous.result()
-                previous = current
-            if previous is not None:
-                yield from previous.result()
+
+        def keyed(items):
+            first, last = items[0][0]["processid"], items[-1][0]["processid"]
+            return (items, f"{first!r}..{last!r}"), [data for _, data, _ in items if data is not None]
+
+        if self._checkers is None:  # started once, for every split; ended with the build
+            self._checkers = jpeg_check.CheckerProcesses(self._check_workers)
+        for (items, _), answers in self._checkers.map(map(keyed, chunks)):
+            answers = iter(answers)
+            for example, data, missing in items:
+                yield example, data, missing if data is None else next(answers)
+
+    def _download_and_prepare(self, dl_manager, download_config):
+        try:
+            return super()._download_and_prepare(dl_manager, download_config)
+        finally:
+            if self._checkers is not None:
+                self._checkers.close()
+                self._checkers = None
 
     def _generate_examples(self, meta: records.Metadata, rows: np.ndarray, images: sources.ImageStore | None, split: str):
         policy = self._policy
-        check_image = sources.verify_jpeg if self._verify_images else sources.jpeg_problem
         before = sum(policy.counts.values())
         written = 0
         examples = records.iter_examples(meta, rows)
-        checked = (self._checked_images(examples, images, check_image) if images is not None
+        checked = (self._checked_images(examples, images) if images is not None
                    else ((example, None, None) for example in examples))
         try:
             for example, data, problem in checked:

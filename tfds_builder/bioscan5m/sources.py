@@ -14,8 +14,7 @@ wrote) holds any mix of:
 Image zips are indexed once (their central directories are read with ``zipfile`` and
 kept as compact arrays, not as millions of ``ZipInfo`` objects); the JPEG bytes are
 then streamed member by member, never extracted. Each image is checked before it is
-written: structurally (:func:`jpeg_problem`) and, unless the builder is told not to, by
-decoding it with PIL (:func:`verify_jpeg`).
+written (:mod:`tfds_builder.bioscan5m.jpeg_check`).
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ import array
 import contextlib
 import dataclasses
 import hashlib
-import io
 import re
 import zipfile
 from collections.abc import Iterator
@@ -32,7 +30,6 @@ from typing import BinaryIO
 
 from absl import logging
 from etils import epath
-from PIL import Image
 
 from bioscan_jax.data import schema
 
@@ -279,187 +276,3 @@ def open_images(root: epath.Path, package: str) -> ImageStore:
         f"No {package} images under {root}: expected the folder {schema.IMAGES_RELDIR}/{package}/ "
         f"or the official zip(s) {image_zip_names(package)}."
     )
-
-
-# ----------------------------------------------------------------------------- JPEG check
-
-_SOI = b"\xff\xd8\xff"
-_EOI = b"\xff\xd9"
-#: How far from the end of the file the end-of-image marker may lie (trailing bytes).
-_EOI_WINDOW = 1024
-
-
-def jpeg_problem(data: bytes) -> str | None:
-    """Why ``data`` is not a complete JPEG (``None`` if it looks like one).
-
-    A cheap structural check (start-of-image marker, end-of-image marker within the
-    last bytes): it catches non-JPEG files and truncated downloads without decoding.
-    """
-    if len(data) < 4:
-        return f"only {len(data)} bytes"
-    if not data.startswith(_SOI):
-        return f"not a JPEG (starts with {data[:4]!r})"
-    if data.rfind(_EOI, max(0, len(data) - _EOI_WINDOW)) < 0:
-        return "truncated JPEG (no end-of-image marker)"
-    return None
-
-
-#: Bytes fed after the entropy-coded data in place of the end-of-image marker: libjpeg's
-#: Huffman decoder reads at most 8 bytes ahead of the bits it uses (its bit buffer holds
-#: 64 bits; 32 in 32-bit builds), so a sound image always completes on them, while a
-#: corrupt one that needs more bits than the file holds runs out of them and asks for more.
-_LOOKAHEAD_FILLER = b"\x00" * 8
-#: Start-of-frame markers of sequential Huffman-coded JPEGs (baseline, extended).
-_SEQUENTIAL_HUFFMAN = (0xC0, 0xC1)
-
-
-def _first_scan(data: bytes) -> tuple[int, int, int] | None:
-    """(SOF marker, components in the frame, components in the first scan) from the
-    marker segments before the first start-of-scan; ``None`` if they do not parse
-    (PIL then reports the problem)."""
-    at, sof, frame_components = 2, None, None
-    while at + 4 <= len(data):
-        if data[at] != 0xFF:
-            return None
-        marker = data[at + 1]
-        if marker == 0xFF:  # fill byte
-            at += 1
-            continue
-        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # standalone markers
-            at += 2
-            continue
-        length = int.from_bytes(data[at + 2 : at + 4], "big")
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            if at + 10 > len(data):
-                return None
-            sof, frame_components = marker, data[at + 9]
-        elif marker == 0xDA:
-            if sof is None or at + 5 > len(data):
-                return None
-            return sof, frame_components, data[at + 4]
-        at += 2 + length
-    return None
-
-
-def _decode(data: bytes, end: int, *, draft: bool, account: bool) -> tuple[Image.Image | None, str | None]:
-    """Decodes ``data`` with PIL's JPEG decoder; returns (image, None) or (None, reason).
-
-    ``end`` is the offset of the end-of-image marker. PIL's decoder is driven directly,
-    as ``ImageFile.load`` does, so ``ImageFile.LOAD_TRUNCATED_IMAGES`` is never consulted
-    (no end-of-image marker is made up for a short file). With ``account`` (a
-    sequential single-scan, single-frame JPEG), the data are fed in two steps that
-    expose what libjpeg only *warns* about (PIL discards libjpeg's warnings):
-
-    1. all but the last byte of the entropy-coded data: a sound image cannot be
-       complete without that byte (the encoder pads only the last byte, with fewer than
-       8 one bits), so an image complete now had bytes left over -- libjpeg's
-       "Corrupt JPEG data: N extraneous bytes before marker 0xd9";
-    2. the last byte plus :data:`_LOOKAHEAD_FILLER` instead of the end-of-image marker:
-       a sound image completes; one that still asks for data needed more bits than the
-       file holds -- libjpeg's "Corrupt JPEG data: premature end of data segment"
-       (which it otherwise pads with zero bits, silently through PIL).
-    """
-    try:
-        im = Image.open(io.BytesIO(data), formats=("JPEG",))
-        if draft:
-            im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
-        if len(im.tile) != 1:
-            return None, f"unexpected JPEG layout ({len(im.tile)} tiles)"
-        if getattr(im, "n_frames", 1) != 1:  # MPO: the first frame ends before the file does
-            account = False
-        im.load_prepare()
-        codec, extents, offset, args = im.tile[0]
-        decoder = Image._getdecoder(im.mode, codec, args, im.decoderconfig)  # pylint: disable=protected-access
-    except Image.UnidentifiedImageError:
-        return None, "unreadable JPEG header (PIL cannot identify the image)"
-    except Exception as e:  # pylint: disable=broad-except  # PIL raises many kinds on a bad header
-        return None, f"unreadable JPEG header ({type(e).__name__}: {e})"
-    stop = end
-    while stop > offset and data[stop - 1] == 0xFF:  # fill bytes before the marker are not data
-        stop -= 1
-    try:
-        decoder.setimage(im.im, extents)
-        if account:
-            cut = stop - 2 if data[stop - 2 : stop] == b"\xff\x00" else stop - 1
-            consumed, err = decoder.decode(data[offset:cut])
-            if consumed < 0:
-                if err < 0:
-                    return None, "corrupt JPEG data (libjpeg: broken data stream)"
-                return None, "corrupt JPEG data (the image is complete before the end of its entropy-coded data)"
-            consumed, err = decoder.decode(data[offset + consumed : stop] + _LOOKAHEAD_FILLER)
-            if consumed >= 0:
-                return None, "corrupt JPEG data (premature end of the entropy-coded data)"
-        else:
-            consumed, err = decoder.decode(data[offset:])
-            if consumed >= 0:
-                return None, "truncated JPEG data (the decoder needs more than the file holds)"
-        if err < 0:
-            return None, "corrupt JPEG data (libjpeg: broken data stream)"
-    except Exception as e:  # pylint: disable=broad-except
-        return None, f"undecodable JPEG ({type(e).__name__}: {e})"
-    finally:
-        decoder.cleanup()
-    im.tile = []  # decoded: im.im holds the pixels
-    return im, None
-
-
-def _constant_colour(im: Image.Image) -> tuple[int, ...] | None:
-    """The colour of every pixel if all are the same, else ``None``."""
-    extrema = im.getextrema()
-    if len(im.getbands()) == 1:
-        extrema = (extrema,)
-    if all(lo == hi for lo, hi in extrema):
-        return tuple(int(lo) for lo, _ in extrema)
-    return None
-
-
-def verify_jpeg(data: bytes, *, draft: bool = True) -> str | None:
-    """Why ``data`` is not a usable JPEG (``None`` if it is): a short reason.
-
-    In order: the structural check (:func:`jpeg_problem`); a real decode with PIL (no
-    TensorFlow) at 1/8 scale (``draft``: libjpeg still entropy-decodes every
-    coefficient, so what is found in the data is the same as at full size, at a fraction
-    of the cost); then the constant-image check (every pixel the same value in every
-    channel, e.g. an all-black frame; a draft that looks constant is confirmed at full
-    size, since a fine pattern can average to a constant draft).
-
-    What PIL reports: truncated data and data that break libjpeg's decoder ("broken
-    data stream") raise; but PIL silences libjpeg's *warnings* -- the usual outcome
-    of bytes overwritten inside the entropy-coded data is that libjpeg warns
-    ("Corrupt JPEG data: N extraneous bytes before marker 0xd9" or "premature end of
-    data segment") and returns an image, no Python exception or warning. These are
-    detected by feeding the decoder in two steps (see :func:`_decode`): the image must
-    not be complete before the last byte of its entropy-coded data, and must be
-    complete with it. Measured against libjpeg itself (warnings counted as errors) on
-    ~1,500 damaged copies of the synthetic images (random bytes written over 1 to 256
-    bytes, spans zeroed or deleted, truncations with an end marker appended): the same
-    verdict on all but one, a "bad Huffman code" warning after which decoding
-    re-synchronised; no false alarm on ~3,000 valid JPEGs of all kinds (sizes 1-300 px,
-    quality 1-100, grey/RGB/CMYK, subsampling, optimized, progressive, restart markers).
-
-    Not detected: damage after which the Huffman decoding re-synchronises and ends
-    exactly at the end of the data -- libjpeg reports nothing either (bar the odd "bad
-    Huffman code"); it is the fate of about 60% of 1-byte, 35% of 16-byte and 10% of
-    64-byte random overwrites, and leaves a changed block and usually a colour shift
-    of the rest of the image. For progressive, multi-scan or multi-frame (MPO) JPEGs
-    only decoder errors and truncation are detected, and with restart markers only
-    damage in the last restart interval is.
-    """
-    problem = jpeg_problem(data)
-    if problem:
-        return problem
-    end = data.rfind(_EOI, max(0, len(data) - _EOI_WINDOW))
-    scan = _first_scan(data)
-    account = scan is not None and scan[0] in _SEQUENTIAL_HUFFMAN and scan[1] == scan[2]
-    im, problem = _decode(data, end, draft=draft, account=account)
-    if problem:
-        return problem
-    colour = _constant_colour(im)
-    if colour is not None and draft:  # rare: confirm at full size
-        im, problem = _decode(data, end, draft=False, account=account)
-        if problem:
-            return problem
-        colour = _constant_colour(im)
-    if colour is not None:
-        return f"constant image (every pixel is {colour[0] if len(colour) == 1 else colour})"
-    return None

@@ -41,8 +41,9 @@ def _embedder(args):
     return dna_embedder.resolve(args.model, num_heads=args.num_heads)
 
 
-def _reference_records(ref: str, args) -> tuple[pd.DataFrame, str]:
-    """``id``, ``dna_barcode`` and the rank columns of a labelled reference."""
+def _reference_records(ref: str, args) -> tuple[pd.DataFrame, str, dict[str, int]]:
+    """``id``, ``dna_barcode`` and the rank columns of a labelled reference, its description,
+    and the rows the import skipped (reason -> count)."""
     from bioscan_jax.eval.identify import RANKS
 
     if ref.startswith("bioscan5m:"):
@@ -58,13 +59,15 @@ def _reference_records(ref: str, args) -> tuple[pd.DataFrame, str]:
         rows = [source[i] for i in range(len(source))]
         frame = pd.DataFrame({"id": [r["processid"] for r in rows], "dna_barcode": [r["dna_barcode"] for r in rows],
                               **{rank: [r[fields.name_feature(rank)] for r in rows] for rank in RANKS}})
-        return frame, f"{builder.info.full_name} {parts[2]}"
+        return frame, f"{builder.info.full_name} {parts[2]}", {}
     from bioscan_jax.data import bold
 
-    frame, report = bold.read(ref, errors="skip")
+    # the same length rule as the training import (config.data.min_length): a short fragment
+    # is no reference to match a query against
+    frame, report = bold.read(ref, errors="skip", min_length=args.min_length or None)
     logger.info("reference %s: %s", ref, report)
     frame = frame.rename(columns={"processid": "id"})
-    return frame, f"BOLD import {ref} ({len(frame)} records)"
+    return frame, f"BOLD import {ref} ({len(frame)} records)", dict(report.skipped)
 
 
 def _load_or_build_reference(args, embedder):
@@ -77,9 +80,11 @@ def _load_or_build_reference(args, embedder):
                              f"not {embedder.name!r}: make a new index or use its model")
         info = json.loads((pathlib.Path(args.reference) / identify.INDEX_INFO).read_text())
         return reference, info.get("novelty")
-    frame, source = _reference_records(args.reference, args)
+    frame, source, import_skipped = _reference_records(args.reference, args)
     reference = identify.build_reference(embedder, frame["id"].tolist(), frame["dna_barcode"].tolist(),
                                          identify.labels_of(frame), source=source, progress=not args.quiet)
+    for reason, n in import_skipped.items():  # left out when read, before embedding
+        reference.skipped[reason] = reference.skipped.get(reason, 0) + n
     return reference, None
 
 
@@ -193,6 +198,7 @@ def cmd_convert(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from bioscan_jax.data import bold  # its MIN_LENGTH is the default of --min-length
     p = argparse.ArgumentParser(prog="bioscan-jax", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -205,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def reference(sp):
         sp.add_argument("--reference", required=True, help="labelled BOLD TSV/FASTA, bioscan5m:CONFIG:SPLIT or an index")
+        sp.add_argument("--min-length", type=int, default=bold.MIN_LENGTH,
+                        help="BOLD references: barcodes shorter than this (nt, after normalisation) are left out "
+                             "and counted (default %(default)s, as config.data.min_length; 0: no minimum)")
         sp.add_argument("--data-dir", default=None, help="TFDS data dir for bioscan5m references")
         sp.add_argument("--manual-dir", default=None, help="the official BIOSCAN-5M files for bioscan5m references")
         sp.add_argument("--seed", type=int, default=0, help="seed of the novelty calibration's held-out species")

@@ -88,6 +88,21 @@ def test_index_then_identify_gives_the_same_predictions(real_split, tmp_path):
                 "--out", tmp_path / "c.tsv") == 1  # another model than the index's
 
 
+def test_reference_barcodes_shorter_than_min_length_are_left_out_and_counted(real_split, tmp_path, capsys):
+    tmp, ref, _, _ = real_split
+    ref = ref.copy()
+    ref.loc[ref.index[:3], "nucleotides"] = ref["nucleotides"].iloc[:3].str[:150]  # fragments
+    ref.to_csv(tmp_path / "ref.tsv", sep="\t", index=False)
+    assert _run("index", "--model", "kmer:4", "--reference", tmp_path / "ref.tsv", "--out", tmp_path / "idx") == 0
+    kept = identify.Reference.load(tmp_path / "idx")
+    assert len(kept.ids) == len(ref) - 3 and kept.skipped == {"too_short": 3}
+    assert not set(ref["processid"].iloc[:3]) & set(kept.ids)
+    assert "left out: {'too_short': 3}" in capsys.readouterr().out
+    assert _run("index", "--model", "kmer:4", "--reference", tmp_path / "ref.tsv", "--out", tmp_path / "all",
+                "--min-length", "0") == 0
+    assert len(identify.Reference.load(tmp_path / "all").ids) == len(ref)
+
+
 def test_calibration_separates_held_out_species():
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(12, 16))

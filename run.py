@@ -14,9 +14,10 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from bioscan_jax import tasks
-from bioscan_jax.train import checkpoint, loop
-from bioscan_jax.train import mesh as mesh_lib
+from bioscan_jax import config_errors, tasks
+from bioscan_jax import checkpoint
+from bioscan_jax.train import loop
+from bioscan_jax import sharding as mesh_lib
 from bioscan_jax.train import multihost
 from bioscan_jax.train import workdir_lock
 
@@ -33,25 +34,10 @@ USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryEr
 
 def _parse_flags(argv):
     """absl's flag parsing, with one line instead of chained tracebacks for a bad --config.x=y."""
-    import re
-
     try:
         return flags.FLAGS(argv)
     except Exception as e:  # noqa: BLE001 - config_flags raises AttributeError/KeyError/ValueError/flags.Error
-        text = str(e).replace("\\n", " ").replace("\n", " ").strip()
-        if text[:1] in "'\"":  # a repr-quoted KeyError / AttributeError message
-            text = text.strip("'\" ")
-        hint = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
-        inner = re.findall(r"\b\w*Error: (.+?)(?=\s+File \"|$)", text)  # the last error of an embedded traceback
-        if hint:
-            message = f"unknown config field {hint.group(2)!r}; did you mean {hint.group(1)!r}?"
-        elif isinstance(e, (KeyError, AttributeError)) and " " not in text:
-            message = f"unknown config field {text!r}"
-        elif inner:
-            message = inner[-1].strip()
-        else:
-            message = text.splitlines()[0] if text else type(e).__name__
-        sys.exit(f"run.py: {message}")
+        sys.exit(f"run.py: {config_errors.one_line(e)}")
 
 
 def main(argv):

@@ -34,7 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def worker(steps: int, batch: int) -> None:
     sys.path.insert(0, ROOT)
-    from bioscan_jax.train import mesh as mesh_lib
+    from bioscan_jax import sharding as mesh_lib
 
     mesh_lib.maybe_initialize_distributed()
     import jax

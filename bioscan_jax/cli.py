@@ -51,7 +51,7 @@ def _reference_records(ref: str, args) -> tuple[pd.DataFrame, str, dict[str, int
         if len(parts) != 3:
             raise ValueError(f"reference {ref!r}: expected bioscan5m:CONFIG:SPLIT, e.g. bioscan5m:dna:train+key_unseen")
         from bioscan_jax.data import tfds_source
-        from tfds_builder.bioscan5m import fields
+        from bioscan_jax.data import fields
 
         builder = tfds_source.prepare(parts[1], data_dir=args.data_dir, manual_dir=args.manual_dir)
         names = ["processid", "dna_barcode", *(fields.name_feature(r) for r in RANKS)]
@@ -103,17 +103,16 @@ def _image_embedder(args):
     this project, with that run's evaluation view (``data.resize``, ``data.normalize_images``)."""
     from bioscan_jax.convert import hub
     from bioscan_jax.eval import image_embedder
-    from bioscan_jax.tasks import clibd
+    from bioscan_jax.train import clibd
 
     resize, normalize = None, False
-    run_config = pathlib.Path(args.model) / "train" / "config.json"
-    if run_config.exists():
-        data = json.loads(run_config.read_text()).get("data", {})
-        resize, normalize = data.get("resize"), bool(data.get("normalize_images", False))
+    run_config = clibd.saved_config(args.model) if os.path.isdir(args.model) else None
+    if run_config is not None:
+        resize, normalize = run_config.data.get("resize"), bool(run_config.data.get("normalize_images", False))
     elif not os.path.isfile(args.model) and not (hub.is_hub_id(args.model) and ":" in args.model):
         raise ValueError(f"--model {args.model}: --images needs a CLIBD best.pth (a file, or a hub file "
                          f"owner/name:path/best.pth) or a CLIBD run directory with train/config.json")
-    model = clibd.load_towers(args.model)
+    model = clibd.load_towers(args.model, run_config)
     return image_embedder.ImageEmbedder(model, args.model, resize=resize, normalize=normalize)
 
 

@@ -6,7 +6,7 @@ r"""Run one program as N cooperating JAX processes on this machine (a local "pod
 starts ``python run.py ...`` twice. Process ``i`` gets
 
 * ``JAX_COORDINATOR_ADDRESS=127.0.0.1:<free port>``, ``JAX_NUM_PROCESSES=N``, ``JAX_PROCESS_ID=i``
-  (read by :func:`bioscan_jax.train.mesh.maybe_initialize_distributed`, which calls
+  (read by :func:`bioscan_jax.sharding.maybe_initialize_distributed`, which calls
   ``jax.distributed.initialize``);
 * ``BIOSCAN_INIT_TIMEOUT_S`` / ``BIOSCAN_HEARTBEAT_TIMEOUT_S`` / ``BIOSCAN_SHUTDOWN_TIMEOUT_S``
   (the timeouts of ``jax.distributed.initialize``: a peer that never shows up, or stops sending

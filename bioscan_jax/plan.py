@@ -3,9 +3,12 @@ r"""Memory planner: will this config's train step fit on that accelerator, on th
     python -m bioscan_jax.plan --config=configs/barcodebert.py:paper --mesh=fsdp=64 --accelerator v5e
     python -m bioscan_jax.plan --config=configs/clibd.py:paper --mesh=fsdp=8 --accelerator all
     python -m bioscan_jax.plan --config=configs/clibd.py:paper --mesh=fsdp=64 --remat \
-        --set train.batch_size=4096 --json
+        --config.train.batch_size=4096 --json
     python -m bioscan_jax.plan --config=configs/barcodebert.py:paper --mesh=data=1 \
-        --set pretrain.train.batch_size=16 --measure      # check the estimate against a real step
+        --config.pretrain.train.batch_size=16 --measure      # check the estimate against a real step
+
+``--config`` and ``--config.<field>=<value>`` are parsed by ``ml_collections.config_flags``, as
+by ``run.py``: the planner sees exactly the config a run would.
 
 The planner builds the config's real train step (model, loss, optimizer, sharding rules, bf16
 and gradient-accumulation settings — the same code the trainer runs) on a mesh of *fake* CPU
@@ -40,10 +43,8 @@ importing JAX (re-executing itself in a fresh process when JAX is already loaded
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import gc
-import importlib.util
 import json
 import math
 import os
@@ -52,6 +53,8 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+
+from bioscan_jax import config_access  # imports nothing heavy: JAX is not loaded here
 
 GiB = 1024**3
 #: Memory per chip (bytes) of the accelerators the planner knows.
@@ -78,38 +81,26 @@ def parse_mesh(text: str) -> dict[str, int]:
     return sizes
 
 
-def parse_override(text: str) -> tuple[str, Any]:
-    """``'train.batch_size=256'`` -> ``('train.batch_size', 256)`` (Python literal, else string)."""
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise ValueError(f"--set expects key=value, got {text!r}")
+def load_config(config_flags_argv: Sequence[str]):
+    """The config of ``--config=FILE[:ARG]`` and ``--config.x=y`` flags, parsed by
+    ``ml_collections.config_flags`` exactly as ``run.py`` parses them; a bad flag is a
+    ``ValueError`` with one line (:func:`bioscan_jax.config_errors.one_line`)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    from bioscan_jax import config_errors
+
+    values = flags.FlagValues()
+    argv = ["plan", *config_flags_argv]
+    config_flags.DEFINE_config_file("config", None, "experiment config file", flag_values=values, lock_config=False,
+                                    sys_argv=argv)  # the overrides it defines come from these flags
     try:
-        return key.strip(), ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return key.strip(), value
-
-
-def load_config(spec: str, overrides: Sequence[tuple[str, Any]] = ()):
-    """``'configs/clibd.py:paper'`` -> ``get_config('paper')`` of that file, with overrides."""
-    path, _, arg = spec.partition(":")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"--config: no such file {path!r}")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-    if root not in sys.path:  # configs import each other as the `configs` package
-        sys.path.insert(0, root)
-    module_spec = importlib.util.spec_from_file_location(f"_plan_config_{os.path.basename(path)[:-3]}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    config = module.get_config(arg or None)
-    for key, value in overrides:
-        node = config
-        *parents, leaf = key.split(".")
-        for name in parents:
-            node = node[name]
-        if leaf not in node:
-            raise KeyError(f"--set {key}: the config has no field {leaf!r} here (fields: {sorted(node.keys())})")
-        node[leaf] = value
-    return config
+        values(argv)
+    except Exception as e:  # noqa: BLE001 - config_flags raises AttributeError/KeyError/ValueError/flags.Error
+        raise ValueError(config_errors.one_line(e)) from None
+    if values["config"].value is None:
+        raise ValueError("--config is required, e.g. --config=configs/clibd.py:paper")
+    return values["config"].value
 
 
 # ============================================================================= the plan
@@ -175,10 +166,9 @@ def _barcodebert_spec(config, stage: str, num_classes: int) -> StepSpec:
     import numpy as np
 
     from bioscan_jax.models import kmer_bert
-    from bioscan_jax.tasks import barcodebert
     from bioscan_jax.train import losses
 
-    cfg = barcodebert.model_config(config.model)
+    cfg = kmer_bert.config_from(config.model)
     section = config[stage]
     batch = int(section.train.batch_size)
     tokens = int(config.data.max_nucleotides) // cfg.k
@@ -200,7 +190,7 @@ def _clibd_spec(config, text_vocab: int) -> StepSpec:
     import numpy as np
 
     from bioscan_jax.models import towers
-    from bioscan_jax.tasks import clibd
+    from bioscan_jax.train import clibd
 
     if config.model.text.get("tokenizer", ""):  # a WordPiece vocabulary: bert-small's 30,522 entries
         from bioscan_jax.models import text as text_model
@@ -268,12 +258,6 @@ def _shard_bytes(tree) -> int:
     return total
 
 
-def _field(section: Any, name: str, default: Any) -> Any:
-    """``section.name`` of a ConfigDict or a plain mapping (``default`` when missing or None)."""
-    value = section.get(name, default) if hasattr(section, "get") else getattr(section, name, default)
-    return default if value is None else value
-
-
 def build(config, spec: StepSpec, mesh_sizes: Mapping[str, int]):
     """``(setup, train_step, abstract batch)`` of the spec on a mesh of ``mesh_sizes``.
 
@@ -282,19 +266,19 @@ def build(config, spec: StepSpec, mesh_sizes: Mapping[str, int]):
     import jax
     import jax.numpy as jnp
 
-    from bioscan_jax.train import mesh as mesh_lib
+    from bioscan_jax import sharding as mesh_lib
     from bioscan_jax.train import optim as optim_lib
     from bioscan_jax.train.state import abstract_train_state
     from bioscan_jax.train.step import make_train_step
 
     mesh = mesh_lib.make_mesh(dict(mesh_sizes))
-    rules = mesh_lib.normalize_rules(_field(config, "sharding_rules", None))
-    batch = int(_field(spec.train, "batch_size", 0))
-    accum = int(_field(spec.train, "accum_steps", 1))
+    rules = mesh_lib.normalize_rules(config_access.get(config, "sharding_rules", None))
+    batch = int(config_access.get(spec.train, "batch_size", 0))
+    accum = int(config_access.get(spec.train, "accum_steps", 1))
     mesh_lib.validate_batch(batch, mesh, accum)
     tx, schedule = optim_lib.make_optimizer(spec.optim, total_steps=1000, global_batch=batch)
-    setup = abstract_train_state(spec.model_factory, tx, mesh, rules, seed=int(_field(config, "seed", 0)))
-    compute_dtype = jnp.bfloat16 if bool(_field(spec.train, "bf16", False)) else None
+    setup = abstract_train_state(spec.model_factory, tx, mesh, rules, seed=int(config_access.get(config, "seed", 0)))
+    compute_dtype = jnp.bfloat16 if bool(config_access.get(spec.train, "bf16", False)) else None
     step = make_train_step(setup, spec.loss_fn, tx, schedule=schedule, accum_steps=accum, compute_dtype=compute_dtype)
     sharding = mesh_lib.batch_sharding(mesh)
     abstract_batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
@@ -306,7 +290,7 @@ def plan(config, config_name: str, mesh_sizes: Mapping[str, int], spec: StepSpec
     """Compile the train step for ``mesh_sizes`` from abstract inputs; return ``(Plan, compiled)``."""
     import jax
 
-    from bioscan_jax.train import mesh as mesh_lib
+    from bioscan_jax import sharding as mesh_lib
 
     devices = math.prod(mesh_sizes.values())
     if jax.device_count() != devices:
@@ -319,7 +303,7 @@ def plan(config, config_name: str, mesh_sizes: Mapping[str, int], spec: StepSpec
     compile_s = time.perf_counter() - t0
     ma = compiled.memory_analysis()
     state = setup.abstract_state
-    batch = int(_field(spec.train, "batch_size", 0))
+    batch = int(config_access.get(spec.train, "batch_size", 0))
     result = Plan(
         config=config_name, task=spec.task, mesh=dict(mesh_sizes), devices=devices, global_batch=batch,
         per_device_batch=batch / mesh_lib.batch_axis_size(setup.mesh),
@@ -330,7 +314,7 @@ def plan(config, config_name: str, mesh_sizes: Mapping[str, int], spec: StepSpec
         arguments=int(ma.argument_size_in_bytes), temporaries=int(ma.temp_size_in_bytes),
         outputs=int(ma.output_size_in_bytes), aliased=int(ma.alias_size_in_bytes),
         code=int(ma.generated_code_size_in_bytes), compile_s=compile_s, notes=list(spec.notes))
-    if bool(_field(spec.train, "bf16", False)) and jax.default_backend() == "cpu":
+    if bool(config_access.get(spec.train, "bf16", False)) and jax.default_backend() == "cpu":
         result.notes.append("bf16 compute (CPU estimate may keep some bf16 intermediates in f32)")
     return result, compiled, setup, abstract_batch
 
@@ -390,7 +374,7 @@ def measure(result: Plan, compiled, setup, abstract_batch, spec: StepSpec, confi
     host_batch = _random_batch(abstract_batch)
     gc.collect()
     before = stats["bytes_in_use"] if stats else _status_kib("VmRSS") * 1024
-    state = init_train_state(setup, spec.model_factory, tx, seed=int(_field(config, "seed", 0)))
+    state = init_train_state(setup, spec.model_factory, tx, seed=int(config_access.get(config, "seed", 0)))
     batch = {k: jax.device_put(v, abstract_batch[k].sharding) for k, v in host_batch.items()}
     jax.block_until_ready((state, batch))
     gc.collect()
@@ -462,13 +446,11 @@ def format_plan(p: Plan, accelerators: Sequence[str]) -> str:
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bioscan_jax.plan", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="config file and variant, e.g. configs/clibd.py:paper")
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="--config=FILE[:ARG] (required) and --config.<field>=<value> as for run.py")
     p.add_argument("--mesh", required=True, help="mesh, e.g. fsdp=64 or data=2,fsdp=4,tensor=2")
     p.add_argument("--accelerator", default="all", help="v5e, v5p, h100 or all (default)")
     p.add_argument("--stage", default="pretrain", help="BarcodeBERT stage: pretrain (default) or finetune")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, e.g. --set train.batch_size=4096 (repeatable)")
     p.add_argument("--remat", action="store_true", help="rematerialise every transformer block")
     p.add_argument("--scan", action="store_true",
                    help="stack the transformer blocks and run them with nnx.scan (one compiled block)")
@@ -478,12 +460,18 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--measure", action="store_true",
                    help="also run one real step on the CPU (one-device mesh) and report peak memory")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
-    args = p.parse_args(argv)
+    config_argv = [a for a in argv if a == "--config" or a.startswith(("--config=", "--config."))]
+    if "--config" in config_argv:
+        p.error("give the config as --config=FILE[:ARG] (one argument)")
+    args = p.parse_args([a for a in argv if a not in config_argv])
+    if not any(a.startswith("--config=") for a in config_argv):
+        p.error("--config=FILE[:ARG] is required, e.g. --config=configs/clibd.py:paper")
+    args.config_argv = config_argv
+    args.config = next(a.split("=", 1)[1] for a in config_argv if a.startswith("--config="))
     if args.accelerator != "all" and args.accelerator not in ACCELERATORS:
         p.error(f"--accelerator must be one of {sorted(ACCELERATORS)} or all")
     try:
         args.mesh_sizes = parse_mesh(args.mesh)
-        args.parsed_overrides = [parse_override(s) for s in args.overrides]
     except ValueError as e:
         p.error(str(e))
     return args
@@ -512,7 +500,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     code = _ensure_devices(math.prod(args.mesh_sizes.values()), argv)
     if code is not None:
         return code
-    config = load_config(args.config, args.parsed_overrides)
+    try:
+        config = load_config(args.config_argv)
+    except ValueError as e:
+        print(f"python -m bioscan_jax.plan: {e}", file=sys.stderr)
+        return 2
     if args.remat:
         set_model_option(config, "remat")
     if args.scan:

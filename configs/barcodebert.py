@@ -12,7 +12,7 @@ other_heldout), ``4_12_12`` (the original BarcodeBERT shape).
 
 import ml_collections
 
-from bioscan_jax.train.mesh import DEFAULT_SHARDING_RULES
+from bioscan_jax.sharding import DEFAULT_SHARDING_RULES
 from configs import common
 
 VARIANTS = ("tiny", "paper", "4_12_12")
@@ -25,9 +25,7 @@ def _stage(*, batch_size, epochs=0, steps=0, lr=1e-4, log_every=50, checkpoint_e
                    log_every=log_every, eval_every=0, progress_bar=True, tensorboard=True),
         # barcodebert/pretraining.py (and finetuning.py): AdamW, lr per 64 samples scaled by batch/64,
         # no decay, torch's OneCycleLR defaults (cosine, 30% warm-up, beta1 cycled 0.95→0.85→0.95).
-        optim=dict(lr=lr, lr_ref_batch=64, weight_decay=0.0, warmup_frac=0.3, schedule="onecycle",
-                   b1=0.9, b2=0.999, eps=1e-8, div_factor=25.0, final_div_factor=1e4, grad_clip=0.0,
-                   cycle_momentum=True, base_momentum=0.85, max_momentum=0.95),
+        optim=common.adamw_onecycle(lr=lr, lr_ref_batch=64, cycle_momentum=True),
         checkpoint=dict(every=checkpoint_every, keep=2, async_save=True),
     ))
 
@@ -121,4 +119,12 @@ def get_config(arg=None):
         c.probe.update(dict(linear_recipe="reference", linear_epochs=200, linear_lr=0.01, linear_batch_size=64,
                             linear_momentum=0.9, linear_weight_decay=1e-5))
         c.probe.kmer_baseline_k = 6
+    # Every variant's fine-tuning evaluates species accuracy on `val_split` at each epoch end
+    # (finetune/metrics.jsonl `val/accuracy`, the curve in training_curves.png; '' = never; a BOLD
+    # import has no validation split: skipped, one log line) and keeps the best epoch's parameters in
+    # finetune/best_val/. `select` says which parameters the test accuracy is reported for: 'last'
+    # (the final step) or 'best_val' (the best val epoch). It is not part of the run identity: it
+    # changes neither the training nor what is kept, so a finished run can be re-reported either way.
+    c.finetune.val_split = "val"
+    c.finetune.select = "last"
     return c

@@ -25,7 +25,7 @@ checkpoint, e.g. ImageNet ``google/vit-base-patch16-224-in21k`` saved locally.
 import ml_collections
 
 from bioscan_jax.train.contrastive import INIT_LOG_SCALE
-from bioscan_jax.train.mesh import DEFAULT_SHARDING_RULES
+from bioscan_jax.sharding import DEFAULT_SHARDING_RULES
 from configs import common
 
 VARIANTS = ("tiny", "paper")
@@ -94,8 +94,7 @@ def get_config(arg=None):
     c.train = dict(batch_size=128, accum_steps=1, bf16=False, steps=0, epochs=6, log_every=10,
                    eval_every=0, progress_bar=False, tensorboard=True)
     # AdamW + OneCycle (cosine, 30% warm-up); peak lr = lr * batch / lr_ref_batch (CLIBD: 5e-5 per 500).
-    c.optim = dict(lr=1e-3, lr_ref_batch=0, weight_decay=0.0, warmup_frac=0.3, schedule="onecycle",
-                   b1=0.9, b2=0.999, eps=1e-8, div_factor=25.0, final_div_factor=1e4, grad_clip=1.0)
+    c.optim = common.adamw_onecycle(lr=1e-3, lr_ref_batch=0, grad_clip=1.0)
     c.checkpoint = dict(every=0, keep=1, async_save=True)
 
     # BarcodeBERT masked-token pretraining of the DNA encoder, used when model.dna.init == 'mlm'.
@@ -103,8 +102,7 @@ def get_config(arg=None):
         split="pretrain+other_heldout", dedup=True, mask_prob=0.5, masked_only=False,
         train=dict(batch_size=64, accum_steps=1, bf16=False, steps=0, epochs=4, log_every=50,
                    eval_every=0, progress_bar=False, tensorboard=False),
-        optim=dict(lr=4e-4, lr_ref_batch=64, weight_decay=0.0, warmup_frac=0.3, schedule="onecycle",
-                   b1=0.9, b2=0.999, eps=1e-8, div_factor=25.0, final_div_factor=1e4, grad_clip=0.0),
+        optim=common.adamw_onecycle(lr=4e-4, lr_ref_batch=64),
         checkpoint=dict(every=0, keep=1, async_save=True),
     )
 
@@ -139,8 +137,7 @@ def get_config(arg=None):
                             init="prajjwal1/bert-small", overrides=dict())
         c.train = dict(batch_size=2000, accum_steps=1, bf16=True, steps=0, epochs=20, log_every=100,
                        eval_every=0, progress_bar=True, tensorboard=True)
-        c.optim = dict(lr=5e-5, lr_ref_batch=500, weight_decay=0.01, warmup_frac=0.3, schedule="onecycle",
-                       b1=0.9, b2=0.999, eps=1e-8, div_factor=25.0, final_div_factor=1e4, grad_clip=0.0)
+        c.optim = common.adamw_onecycle(lr=5e-5, lr_ref_batch=500, weight_decay=0.01)
         c.checkpoint = dict(every=1000, keep=3, async_save=True)
         c.dna_pretrain.train.batch_size = 512
         c.dna_pretrain.train.epochs = 35

@@ -27,3 +27,21 @@ def parse_arg(arg: str | None, *, variants: tuple[str, ...], **defaults) -> ml_c
     if out["variant"] not in variants:
         raise ValueError(f"Unknown variant {out['variant']!r}; valid variants: {', '.join(variants)}")
     return ml_collections.ConfigDict(out)
+
+
+def adamw_onecycle(*, lr: float, lr_ref_batch: int = 64, weight_decay: float = 0.0, grad_clip: float = 0.0,
+                   cycle_momentum: bool = False) -> dict:
+    """The optimiser section of every training stage: AdamW (betas 0.9/0.999, eps 1e-8) with
+    torch's ``OneCycleLR`` defaults (cosine, 30% warm-up, ``div_factor`` 25, ``final_div_factor``
+    1e4), peak lr = ``lr * batch / lr_ref_batch`` (``lr_ref_batch=0``: ``lr`` as given).
+
+    The recipe of BarcodeBERT (``barcodebert/pretraining.py``, ``finetuning.py``: lr per 64
+    samples, beta1 cycled 0.95 → 0.85 → 0.95 as OneCycleLR's ``cycle_momentum``) and CLIBD
+    (``scripts/train_cl.py``: ``lr_ref_batch=500``, no momentum cycling); read by
+    :mod:`bioscan_jax.train.optim`.
+    """
+    section = dict(lr=lr, lr_ref_batch=lr_ref_batch, weight_decay=weight_decay, warmup_frac=0.3, schedule="onecycle",
+                   b1=0.9, b2=0.999, eps=1e-8, div_factor=25.0, final_div_factor=1e4, grad_clip=grad_clip)
+    if cycle_momentum:
+        section.update(cycle_momentum=True, base_momentum=0.85, max_momentum=0.95)
+    return section

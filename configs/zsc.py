@@ -48,7 +48,7 @@ the aligned ``projection`` output or the ``encoder``'s pooled feature).
 
 import ml_collections
 
-from bioscan_jax.train.mesh import DEFAULT_SHARDING_RULES
+from bioscan_jax.sharding import DEFAULT_SHARDING_RULES
 from configs import barcodebert as barcodebert_configs
 from configs import clibd as clibd_configs
 from configs import common
@@ -158,7 +158,7 @@ def get_config(arg=None):
         c.barcodebert.pretrain.mask_prob = 0.8
         c.barcodebert.pretrain.train.progress_bar = False
         c.barcodebert.pretrain.train.tensorboard = False
-        c.clibd.train.epochs = 2          # the CLIBD task's tiny run is 4 epochs; 2 keep the run in minutes
+        c.clibd.train.epochs = 2          # the CLIBD task's tiny run is 6 epochs; 2 keep the run in minutes
         c.models = dict(
             barcodebert_pretrained=model("dna", "pretrain"),
             barcodebert_random=model("dna", "random", variant="tiny"),

@@ -19,4 +19,10 @@ set -e
 if [ "$rc" -eq 5 ]; then
   echo "pytest collected no tests" >&2
 fi
+if [ "$rc" -eq 0 ] && [ "$#" -eq 0 ]; then
+  # The GPU suite's code path on the CPU, tiny shapes (benchmarks/gpu_suite.sh): a few minutes.
+  out=$(mktemp -d)
+  OUT="$out" PYTHON=.venv/bin/python bash benchmarks/gpu_suite.sh --dry-run > "$out/stdout" || rc=$?
+  echo "gpu_suite --dry-run: rc=$rc; $(tail -c 300 "$out/stdout")"
+fi
 exit "$rc"

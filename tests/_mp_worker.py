@@ -33,7 +33,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from bioscan_jax.train import mesh as mesh_lib  # noqa: E402
+from bioscan_jax import sharding as mesh_lib  # noqa: E402
 
 mesh_lib.maybe_initialize_distributed()
 
@@ -48,7 +48,7 @@ from bioscan_jax.eval import embed as embed_lib  # noqa: E402
 from bioscan_jax.models import kmer_bert, towers, vit  # noqa: E402
 from bioscan_jax.train import loop, losses, multihost  # noqa: E402
 from bioscan_jax.train import optim as optim_lib  # noqa: E402
-from bioscan_jax.train.checkpoint import Checkpointer  # noqa: E402
+from bioscan_jax.checkpoint import Checkpointer  # noqa: E402
 from bioscan_jax.train.state import abstract_train_state  # noqa: E402
 
 SHARDS = 2  # the process count of the multi-process run (the reference emulates it)
@@ -214,12 +214,12 @@ def train_bert(run_dir: str, mode: str, die_at: int | None = None):
 
 
 def train_clibd(run_dir: str, mode: str):
-    from bioscan_jax.tasks import clibd as clibd_task
+    from bioscan_jax.train import clibd as clibd_train
     from configs import clibd as clibd_configs
 
     config = base_config(checkpoint_every=0)
     multihost.assert_same_config(config)
-    loss_fn = clibd_task.make_loss_fn(clibd_configs.get_config("tiny"))
+    loss_fn = clibd_train.make_loss_fn(clibd_configs.get_config("tiny"))
     source = records(N_RECORDS, seed=1)
     result = loop.train(
         config, os.path.join(run_dir, "clibd"), model_factory=lambda rngs: towers.ClibdModel(CLIBD_CFG, rngs=rngs),

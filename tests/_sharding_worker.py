@@ -24,7 +24,7 @@ import optax  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _train_tiny as T  # noqa: E402
 
-from bioscan_jax.train import mesh as mesh_lib  # noqa: E402
+from bioscan_jax import sharding as mesh_lib  # noqa: E402
 from bioscan_jax.train.state import create_train_state  # noqa: E402
 from bioscan_jax.train.step import make_train_step  # noqa: E402
 

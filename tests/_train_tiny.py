@@ -14,7 +14,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from bioscan_jax.train.mesh import constrain
+from bioscan_jax.sharding import constrain
 
 VOCAB, EMBED, MLP, SEQ = 32, 16, 32, 8
 

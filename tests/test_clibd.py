@@ -14,7 +14,7 @@ from flax import nnx
 from bioscan_jax.data import schema
 from bioscan_jax.data import sources
 from bioscan_jax.models import kmer_bert, text, towers, vit
-from bioscan_jax.train import mesh as mesh_lib
+from bioscan_jax import sharding as mesh_lib
 from bioscan_jax.train import optim
 from bioscan_jax.train.state import create_train_state
 from bioscan_jax.train.step import make_train_step
@@ -108,7 +108,7 @@ def test_load_encoder_state_copies_and_checks_shapes():
 
 
 def test_contrastive_step_decreases_loss():
-    from bioscan_jax.tasks import clibd
+    from bioscan_jax.train import clibd as clibd_train
 
     config = clibd_configs.get_config()
     config.loss.positives = "species"
@@ -117,7 +117,7 @@ def test_contrastive_step_decreases_loss():
                                         total_steps=10, global_batch=8)
     setup, state = create_train_state(lambda r: towers.ClibdModel(tiny_towers(), rngs=r), tx, mesh,
                                       mesh_lib.DEFAULT_SHARDING_RULES)
-    step = make_train_step(setup, clibd.make_loss_fn(config), tx, schedule=schedule)
+    step = make_train_step(setup, clibd_train.make_loss_fn(config), tx, schedule=schedule)
     batch = random_batch(n=8)
     batch["label_species"] = np.array([0, 0, 1, 2, 3, 4, -1, -1], np.int32)
     batch = mesh_lib.to_global_batch(batch, mesh)
@@ -182,6 +182,7 @@ def test_run_writes_report_with_all_pairs_ranks_and_both_settings(tiny_run, caps
 
 def test_no_alignment_flag_and_load_towers(tiny_run):
     from bioscan_jax.tasks import clibd
+    from bioscan_jax.train import clibd as clibd_train
 
     config, workdir, _ = tiny_run
     config = config.copy_and_resolve_references()
@@ -190,8 +191,8 @@ def test_no_alignment_flag_and_load_towers(tiny_run):
     with open(os.path.join(workdir, "retrieval.json")) as f:
         assert list(json.load(f)["settings"]) == ["I+D+T"]
 
-    model = clibd.load_towers(workdir)
-    trained, _ = clibd.train_clibd(config, workdir)
+    model = clibd_train.load_towers(workdir)
+    trained, _ = clibd_train.train_clibd(config, workdir)
     for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(nnx.state(trained, nnx.Param))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert model.modalities == ("image", "dna", "text")
@@ -199,9 +200,10 @@ def test_no_alignment_flag_and_load_towers(tiny_run):
 
 def test_bad_records_are_counted_and_empty_keys_named(tiny_run):
     from bioscan_jax.tasks import clibd
+    from bioscan_jax.train import clibd as clibd_train
 
     config, workdir, _ = tiny_run
-    setup = clibd.prepare(config, workdir)
+    setup = clibd_train.prepare(config, workdir)
     splits = {s: [dict(r) for r in setup.data[s]] for s in ("train", "key_unseen", "test", "test_unseen")}
     splits["test"][0]["image"] = b"not a jpeg"
     splits["test"][1]["dna_barcode"] = ""
@@ -223,10 +225,10 @@ def test_bad_records_are_counted_and_empty_keys_named(tiny_run):
 
 
 def test_training_records_without_dna_are_left_out_and_counted():
-    from bioscan_jax.tasks import clibd
+    from bioscan_jax.train import clibd as clibd_train
 
     records = [{"dna_barcode": "ACGT" * 20}, {"dna_barcode": ""}, {"dna_barcode": "ACGT" * 20}]
-    kept, missing = clibd.records_with_dna(records)
+    kept, missing = clibd_train.records_with_dna(records)
     assert missing == 1 and len(kept) == 2 and all(r["dna_barcode"] for r in kept)
 
 
@@ -238,26 +240,26 @@ def test_config_variants():
     assert paper.model.text.variant == "bert-small" and paper.train.bf16
     assert paper.train.batch_size == 2000 and paper.train.epochs == 20
     assert optim.peak_lr(paper.optim, paper.train.batch_size) == pytest.approx(2e-4)
-    from bioscan_jax.tasks import clibd
+    from bioscan_jax.train import clibd as clibd_train
 
-    cfg = clibd.model_config(paper, text_vocab_size=100)
+    cfg = clibd_train.model_config(paper, text_vocab_size=100)
     assert cfg.image.image_size == 224 and cfg.dna.k == 5 and cfg.dna.num_layers == 12 and cfg.embed_dim == 768
     assert cfg.text.hidden_size == 512 and cfg.text.vocab_size == 100
     tiny.model.modalities = "image"
     with pytest.raises(ValueError, match="at least two"):
-        clibd.enabled_modalities(tiny)
+        clibd_train.enabled_modalities(tiny)
 
 
 def test_dna_encoder_init_from_a_workdir(tiny_run):
-    from bioscan_jax.tasks import clibd
+    from bioscan_jax.train import clibd as clibd_train
 
     config, workdir, _ = tiny_run
-    trained = clibd.load_towers(workdir)
+    trained = clibd_train.load_towers(workdir)
     config = config.copy_and_resolve_references()
     config.model.dna.init = workdir  # any run dir with a DNA encoder: BarcodeBERT or CLIBD
-    setup = clibd.prepare(config, workdir)
-    pretrained = clibd.pretrained_encoders(config, setup, workdir)
-    model = clibd.model_factory(setup, pretrained)(nnx.Rngs(123))
+    setup = clibd_train.prepare(config, workdir)
+    pretrained = clibd_train.pretrained_encoders(config, setup, workdir)
+    model = clibd_train.model_factory(setup, pretrained)(nnx.Rngs(123))
     for a, b in zip(jax.tree.leaves(nnx.state(model.dna.encoder, nnx.Param)),
                     jax.tree.leaves(nnx.state(trained.dna.encoder, nnx.Param))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -21,7 +21,7 @@ from bioscan_jax.convert import hf_vit
 from bioscan_jax.data import dna as dna_lib
 from bioscan_jax.data import text as text_lib
 from bioscan_jax.models import towers, vit
-from bioscan_jax.tasks import clibd
+from bioscan_jax.train import clibd as clibd_train
 from configs import clibd as clibd_config
 
 from _references import perturb  # noqa: E402
@@ -80,11 +80,11 @@ def _config(files):
 
 
 def _model(config):
-    vocab = clibd.wordpiece_vocab(config)
-    mcfg = clibd.model_config(config, text_vocab_size=len(vocab))
+    vocab = clibd_train.wordpiece_vocab(config)
+    mcfg = clibd_train.model_config(config, text_vocab_size=len(vocab))
     setup = types.SimpleNamespace(model_config=mcfg)
-    pretrained = clibd.pretrained_encoders(config, setup, workdir="")
-    model = clibd.model_factory(setup, pretrained)(nnx.Rngs(0))
+    pretrained = clibd_train.pretrained_encoders(config, setup, workdir="")
+    model = clibd_train.model_factory(setup, pretrained)(nnx.Rngs(0))
     model.eval()
     return model, vocab
 

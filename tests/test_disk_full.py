@@ -13,8 +13,8 @@ import uuid
 import numpy as np
 import pytest
 
-from bioscan_jax.train import checkpoint as checkpoint_lib
-from bioscan_jax.train.checkpoint import Checkpointer, DiskFullError
+from bioscan_jax import checkpoint as checkpoint_lib
+from bioscan_jax.checkpoint import Checkpointer, DiskFullError
 
 
 @pytest.fixture

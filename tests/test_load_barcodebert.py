@@ -206,7 +206,7 @@ def test_convert_writes_a_model_directory_that_is_itself_a_spec(tmp_path, barcod
     ``init`` reads it too."""
     from bioscan_jax import cli
     from bioscan_jax.eval import dna_embedder
-    from bioscan_jax.tasks import clibd
+    from bioscan_jax.train import clibd as clibd_train
 
     k = 4
     model = perturb(transformers.BertForMaskedLM(_bert_config(4**k + 3)), 3)
@@ -218,7 +218,7 @@ def test_convert_writes_a_model_directory_that_is_itself_a_spec(tmp_path, barcod
     converted = dna_embedder.resolve(str(out)).loaded
     assert converted.protocol == bb_load.V1_PROTOCOL and converted.config == bb_load.load(path).config
     np.testing.assert_allclose(_ours(converted, barcodes), v1_reference_embedding(model, barcodes, k), atol=1e-4)
-    state = clibd._kmer_bert_state(str(out), converted.config)
+    state = clibd_train._kmer_bert_state(str(out), converted.config)
     ours = nnx.state(converted.model, nnx.Param).to_pure_dict()
     np.testing.assert_array_equal(state["encoder"]["embeddings"]["word"]["embedding"],
                                   ours["embeddings"]["word"]["embedding"])

@@ -374,7 +374,7 @@ def test_unknown_layouts_and_leftover_tensors_name_the_keys(released, tmp_path):
 
 
 def test_load_towers_takes_a_best_pth_with_or_without_a_task_config(released):
-    from bioscan_jax.tasks import clibd
+    from bioscan_jax.train import clibd as clibd_train
     from configs import clibd as clibd_config
     from flax import nnx
 
@@ -389,7 +389,7 @@ def test_load_towers_takes_a_best_pth_with_or_without_a_task_config(released):
     c.model.text = dict(variant="bert-small", max_length=20, tokenizer="", overrides=dict(
         vocab_size=5 + len(WORDS), hidden_size=48, num_layers=2, num_heads=8, intermediate_size=64,
         max_position_embeddings=64))
-    for model in (clibd.load_towers(str(released.path)), clibd.load_towers(str(released.path), c)):
+    for model in (clibd_train.load_towers(str(released.path)), clibd_train.load_towers(str(released.path), c)):
         assert model.config.tower_mode == "reference"
         got = nnx.state(model, nnx.Param).to_pure_dict()
         for a, b in zip(jax_leaves(direct), jax_leaves(got)):
@@ -403,10 +403,10 @@ def jax_leaves(tree):
 
 
 def test_paper_towers_are_those_of_configs_clibd_paper():
-    from bioscan_jax.tasks import clibd
+    from bioscan_jax.train import clibd as clibd_train
     from configs import clibd as clibd_config
 
-    assert clibd_ckpt.paper_config() == clibd.model_config(clibd_config.get_config("paper"))
+    assert clibd_ckpt.paper_config() == clibd_train.model_config(clibd_config.get_config("paper"))
 
 
 def test_embed_images_with_a_released_checkpoint(released, tmp_path):

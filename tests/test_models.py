@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 from flax.core import spmd as core_spmd
 
+from bioscan_jax import sharding
 from bioscan_jax.models import kmer_bert as kb
 from bioscan_jax.models import layers, text, vit
 
@@ -170,20 +171,6 @@ def test_jitted_train_step_with_dropout(mlm):
     np.testing.assert_array_equal(model.bert.embeddings.word.embedding[...][0], 0.0)
 
 
-def test_copy_encoder(mlm):
-    cfg = _bert_cfg()
-    clf = kb.KmerBertClassifier(cfg, 4, rngs=nnx.Rngs(1))
-    head_before = np.asarray(clf.head.kernel[...])
-    kb.copy_encoder(mlm, clf)
-    ids, mask = _ids()
-    h1, _ = _fwd(mlm.bert, ids, mask)
-    h2, _ = _fwd(clf.bert, ids, mask)
-    np.testing.assert_array_equal(h1, h2)
-    np.testing.assert_array_equal(clf.head.kernel[...], head_before)
-    with pytest.raises(ValueError, match="differ"):
-        kb.copy_encoder(mlm, nnx.eval_shape(lambda: kb.KmerBertClassifier(_bert_cfg(hidden_size=64), 4, rngs=nnx.Rngs(1))))
-
-
 def test_remat_and_bf16(mlm):
     ids, mask = _ids()
     ref = mlm
@@ -278,7 +265,7 @@ def test_logical_axis_names(make):
         assert len(names) == len(var.shape), (path, names)
         assert set(names) <= allowed, (path, names)
     # every name maps to a mesh axis (or None) under the default rules
-    with core_spmd.logical_axis_rules(layers.DEFAULT_LOGICAL_AXIS_RULES):
+    with core_spmd.logical_axis_rules(sharding.DEFAULT_SHARDING_RULES):
         specs = nnx.get_partition_spec(nnx.state(model, nnx.Param))
     for _, spec in nnx.to_flat_state(specs):
         assert set(spec.get_value()) <= {None, "fsdp", "tensor"}
@@ -300,7 +287,7 @@ def test_key_axis_names(mlm):
 def test_eager_sharding_under_mesh_and_rules(mlm):
     assert mlm.classifier.kernel.get_metadata()["eager_sharding"] is False  # no mesh: metadata only
     mesh = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
-    with jax.set_mesh(mesh), core_spmd.logical_axis_rules(layers.DEFAULT_LOGICAL_AXIS_RULES):
+    with jax.set_mesh(mesh), core_spmd.logical_axis_rules(sharding.DEFAULT_SHARDING_RULES):
         model = nnx.jit(lambda: kb.KmerBertClassifier(_bert_cfg(), 3, rngs=nnx.Rngs(0)))()
         spec = nnx.get_partition_spec(nnx.state(model, nnx.Param))
     k = model.bert.encoder.layers[0].mlp.fc1.kernel
@@ -408,14 +395,6 @@ def test_attention_impl_xla_matches_einsum(mlm):
     np.testing.assert_allclose(np.asarray(a)[m], np.asarray(b)[m], atol=1e-5)
     with pytest.raises(ValueError, match="attention_impl"):
         layers.MultiHeadAttention(8, 2, attention_impl="flash", rngs=nnx.Rngs(0))
-
-
-def test_attention_bias():
-    bias = layers.attention_bias(jnp.array([[True, False]]))
-    assert bias.shape == (1, 1, 1, 2)
-    assert bias[0, 0, 0, 0] == 0 and bias[0, 0, 0, 1] == jnp.finfo(jnp.float32).min
-    with pytest.raises(ValueError):
-        layers.attention_bias(jnp.ones((2, 3, 4), bool))
 
 
 def test_config_is_frozen():

@@ -11,7 +11,8 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from bioscan_jax.data import dna, images, pipeline, schema, text, tfds_source
-from tfds_builder.bioscan5m import fields, make_dummy_data
+from bioscan_jax.data import fields
+from tfds_builder.bioscan5m import make_dummy_data
 
 tfds.disable_progress_bar()
 NO_SHARD = None

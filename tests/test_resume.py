@@ -18,8 +18,8 @@ import pytest
 
 import _train_tiny as T
 from bioscan_jax.train import loop
-from bioscan_jax.train import mesh as mesh_lib
-from bioscan_jax.train.checkpoint import Checkpointer, NoUsableCheckpointError
+from bioscan_jax import sharding as mesh_lib
+from bioscan_jax.checkpoint import Checkpointer, NoUsableCheckpointError
 from bioscan_jax.train.metrics import read_metrics
 from bioscan_jax.train.optim import make_optimizer
 from bioscan_jax.train.state import abstract_train_state
@@ -147,7 +147,7 @@ def test_damaged_latest_checkpoint_is_skipped(pristine, tmp_path, caplog, damage
     setup = _abstract(config)
     it = T.RecordingIterator(iter(T.dataset(BATCH)))
     ckpt = Checkpointer(workdir / "checkpoints")
-    with caplog.at_level(logging.WARNING, logger="bioscan_jax.train.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="bioscan_jax.checkpoint"):
         state, step = ckpt.restore(setup.abstract_state, it)
     ckpt.close()
     assert step == 4

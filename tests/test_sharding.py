@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from bioscan_jax.train import mesh as mesh_lib
+from bioscan_jax import sharding as mesh_lib
 
 TESTS = pathlib.Path(__file__).resolve().parent
 ROOT = TESTS.parent

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from bioscan_jax.data import schema, synthetic
-from bioscan_jax.data import synthetic_images as images_lib
+from bioscan_jax.data.synthetic import images as images_lib
 
 NUM_RECORDS = 1500
 SEED = 0

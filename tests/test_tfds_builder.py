@@ -24,7 +24,8 @@ from etils import epath
 
 from bioscan_jax.data import schema
 from bioscan_jax.data import tfds_source
-from tfds_builder.bioscan5m import BadRecordError, fields, make_dummy_data
+from bioscan_jax.data import fields
+from tfds_builder.bioscan5m import BadRecordError, make_dummy_data
 
 REPO_ROOT = epath.Path(__file__).resolve().parents[1]
 DUMMY = epath.Path(make_dummy_data.DUMMY_DIR)

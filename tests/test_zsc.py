@@ -112,7 +112,7 @@ def test_spec_order_and_bad_model_entries():
 @pytest.mark.parametrize("stride", [0, 1])
 def test_kmer_profile_encoder_equals_numpy_counts(stride):
     from bioscan_jax.data import dna as dna_lib
-    from bioscan_jax.train import mesh as mesh_lib
+    from bioscan_jax import sharding as mesh_lib
 
     c = zsc_configs.get_config()
     m = zsc_configs.model("dna", "kmer", k=3, stride=stride)
@@ -135,8 +135,8 @@ def _with_model(c, name, m):
 
 def test_reading_frames_average_the_embeddings_of_each_frame():
     from bioscan_jax.data import dna as dna_lib
-    from bioscan_jax.tasks import barcodebert
-    from bioscan_jax.train import mesh as mesh_lib
+    from bioscan_jax.models import kmer_bert
+    from bioscan_jax import sharding as mesh_lib
 
     c = zsc_configs.get_config()
     m = zsc_configs.model("dna", "random", variant="tiny", overrides={"num_layers": 1}, frames=4)
@@ -150,7 +150,7 @@ def test_reading_frames_average_the_embeddings_of_each_frame():
     per_frame = []
     for f in range(4):
         ids, mask = tok(seqs, offsets=np.full(3, f))
-        per_frame.append(np.asarray(barcodebert.pooled_embedding(encoder.model, {"ids": ids, "attention_mask": mask})))
+        per_frame.append(np.asarray(kmer_bert.pooled_embedding(encoder.model, {"ids": ids, "attention_mask": mask})))
     np.testing.assert_allclose(out["embedding"], np.mean(per_frame, axis=0), rtol=1e-5, atol=1e-5)
     assert not np.allclose(per_frame[0], per_frame[1], atol=1e-3)  # the frames really differ
     with pytest.raises(ValueError, match="reading frames"):

@@ -323,7 +323,7 @@ def save(loaded: Loaded, out: str | os.PathLike) -> pathlib.Path:
     train-state checkpoint holding ``params['bert']``, the layout every run writes) and
     ``<out>/model.json`` (model config, embedding protocol, source). :func:`load_workdir` and
     every config's ``init`` / checkpoint path read it back."""
-    from bioscan_jax.train.checkpoint import Checkpointer
+    from bioscan_jax.checkpoint import Checkpointer
 
     out = pathlib.Path(out).absolute()
     if (out / "checkpoints").exists():
@@ -345,7 +345,7 @@ def load_workdir(path: str | os.PathLike, *, variant: str | None = None,
     (``bioscan-jax convert``). The model comes from ``model_config``, else ``variant``, else the
     directory's ``model.json``, else the run's ``summary.json`` (``model_config``). A run embeds
     with the BIOSCAN-5M protocol; a converted model with the protocol of its source."""
-    from bioscan_jax.train.checkpoint import latest_step, restore_params
+    from bioscan_jax.checkpoint import latest_step, restore_params
 
     path = pathlib.Path(path)
     stage_dir = next((d for d in (path / "pretrain", path) if (d / "checkpoints").is_dir()), None)

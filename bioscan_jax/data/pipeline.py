@@ -47,7 +47,7 @@ from bioscan_jax.data import images as images_lib
 from bioscan_jax.data import schema
 from bioscan_jax.data import text as text_lib
 from bioscan_jax.data.tfds_source import normalize_record
-from tfds_builder.bioscan5m import fields
+from bioscan_jax.data import fields
 
 __all__ = [
     "clibd_pipeline",

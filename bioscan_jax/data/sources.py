@@ -160,7 +160,7 @@ def _open_tfds(data: Any, splits: Sequence[str], features, seed: int) -> Splits:
 
 def frame_records(df, maps: Mapping[str, Sequence[str]]) -> list[dict[str, Any]]:
     """Records (builder feature names) from a metadata frame, label indices from ``maps``."""
-    from tfds_builder.bioscan5m import fields
+    from bioscan_jax.data import fields
 
     idx = schema.label_indices(df, maps)
     first = schema.first_of_barcode(df["dna_barcode"])

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from bioscan_jax.data import schema
-from tfds_builder.bioscan5m import fields
+from bioscan_jax.data import fields
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, UNK, CLS, SEP, MASK)

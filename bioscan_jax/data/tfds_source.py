@@ -1,7 +1,7 @@
 """Preparing and opening the ``bioscan5m`` TFDS dataset, and normalising its records.
 
 Importing this module registers the builder (``tfds.builder('bioscan5m')`` then works
-from any directory). It does not import TensorFlow.
+from any directory; :mod:`bioscan_jax.data.registration`). It does not import TensorFlow.
 
 * :func:`prepare` builds a config (``array_record`` shards, no TensorFlow needed);
 * :func:`data_source` opens a split expression for random access (grain's input):
@@ -19,22 +19,22 @@ from __future__ import annotations
 
 import collections.abc
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.proto import tf_example_pb2
 
-import tfds_builder.bioscan5m  # noqa: F401  (registers the builder)
-from bioscan_jax.data import schema
-from tfds_builder.bioscan5m import fields
-from tfds_builder.bioscan5m.bioscan5m_dataset_builder import Bioscan5mConfig, synthetic_config
+from bioscan_jax.data import fields, registration, schema
 
+if TYPE_CHECKING:
+    from tfds_builder.bioscan5m.bioscan5m_dataset_builder import Bioscan5mConfig
+
+registration.register()
 NAME = "bioscan5m"
 
 __all__ = [
     "NAME",
-    "Bioscan5mConfig",
     "RecordSource",
     "builder",
     "data_source",
@@ -49,6 +49,13 @@ __all__ = [
 _TEXT = frozenset(fields.TEXT_FEATURES)
 _INT = frozenset(fields.INDEX_FEATURES + fields.UINT8_FEATURES + fields.INT64_FEATURES + fields.DERIVED_FEATURES)
 _FLOAT = frozenset(fields.FLOAT_FEATURES)
+
+
+def synthetic_config(num_records: int, seed: int = 0, *, images: bool = True) -> "Bioscan5mConfig":
+    """A synthetic builder config (:func:`tfds_builder.bioscan5m.synthetic_config`)."""
+    from tfds_builder.bioscan5m import bioscan5m_dataset_builder  # pylint: disable=import-outside-toplevel
+
+    return bioscan5m_dataset_builder.synthetic_config(num_records, seed, images=images)
 
 
 def builder(

@@ -109,7 +109,7 @@ class BertEmbedder:
         import jax
 
         from bioscan_jax.eval import embed as embed_lib
-        from bioscan_jax.train import mesh as mesh_lib
+        from bioscan_jax import sharding as mesh_lib
 
         names = [str(i) for i in ids]
         tok_ids, mask, report = self.tokenizer.tokenize(list(seqs), names=names, errors="count")

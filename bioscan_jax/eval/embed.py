@@ -13,8 +13,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, PartitionSpec as P
 
 from bioscan_jax.data.pipeline import ROW
-from bioscan_jax.train import mesh as mesh_lib
-from bioscan_jax.train import multihost
+from bioscan_jax import sharding as mesh_lib
 
 EmbedFn = Callable[[nnx.Module, Mapping[str, jax.Array]], jax.Array]
 
@@ -75,7 +74,7 @@ def embed_batches(
     local_size = batch_size // processes
     model.eval()
     graphdef, state = nnx.split(model)
-    state = multihost.replicate(state, mesh)
+    state = mesh_lib.replicate(state, mesh)
 
     def forward(state, batch):
         return embed_fn(nnx.merge(graphdef, state), batch).astype(jnp.float32)
@@ -90,7 +89,7 @@ def embed_batches(
         local = next(iterator, None)
         if processes > 1:
             # [has a batch now, has seen a batch] per process: stop together, fail together.
-            flags = multihost.gather_same_shape(
+            flags = mesh_lib.gather_same_shape(
                 np.asarray([local is not None, local is not None or template is not None], np.int32))
             if not flags[:, 0].any():
                 break
@@ -117,10 +116,10 @@ def embed_batches(
                     raise KeyError(f"embed_batches: keep={k!r} is not a column of the batches ({sorted(local)})")
     if not chunks:
         raise ValueError("no batches to embed (empty split?)")
-    result = {"embedding": multihost.allgather_rows(np.concatenate(chunks))}
+    result = {"embedding": mesh_lib.allgather_rows(np.concatenate(chunks))}
     for k in columns:
         if kept[k] or k in keep:
-            result[k] = multihost.allgather_rows(np.concatenate(kept[k]) if kept[k] else np.zeros((0,), np.int32))
+            result[k] = mesh_lib.allgather_rows(np.concatenate(kept[k]) if kept[k] else np.zeros((0,), np.int32))
     if all(k in result for k in order_by) and order_by:
         order = np.lexsort([result[k] for k in reversed(order_by)])
         result = {k: v[order] for k, v in result.items()}

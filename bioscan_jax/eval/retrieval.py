@@ -42,9 +42,8 @@ ArrayLike = Array | np.ndarray
 CLIBD_PAIRS: tuple[tuple[str, str], ...] = (("dna", "dna"), ("image", "image"), ("image", "dna"))
 #: Splits that together form the key set.
 KEY_SPLITS: tuple[str, ...] = ("train", "key_unseen")
-#: (seen, unseen) query splits for final numbers and for tuning.
+#: (seen, unseen) query splits of the reported numbers.
 TEST_QUERY_SPLITS: tuple[str, str] = ("test", "test_unseen")
-VAL_QUERY_SPLITS: tuple[str, str] = ("val", "val_unseen")
 #: Metrics reported per rank, for ``ks``.
 DEFAULT_KS: tuple[int, ...] = (1, 3, 5)
 

@@ -7,8 +7,9 @@ dropout + ``Linear(hidden → 4**k)`` without weight tying. The word-embedding r
 is zero at init and never receives a gradient (``nn.Embedding(padding_idx=0)`` in HF).
 
 Modules are tree-shaped: ``KmerBertForMLM`` and ``KmerBertClassifier`` each own a ``bert``
-(``KmerBert``) and a head, so pretrained encoder weights move between them with
-:func:`copy_encoder` (``nnx.update(dst.bert, nnx.state(src.bert, nnx.Param))``).
+(``KmerBert``) and a head, so pretrained encoder weights move between them as the state of
+``.bert`` (fine-tuning starts from ``nnx.state(pretrained.bert, nnx.Param)`` through the train
+loop's ``warm_start``).
 
 Every model returns ``(output, aux)``; ``aux['hidden']`` is the last hidden layer [B, T, D] and
 ``aux['pooled']`` its masked mean over the attention mask [B, D] (float32).
@@ -32,34 +33,17 @@ Array = jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
-class KmerBertConfig:
-    """Configuration of a k-mer BERT. ``vocab_size`` and ``num_labels`` default from ``k``."""
+class KmerBertConfig(layers.BertConfig):
+    """Configuration of a k-mer BERT (the BERT fields of :class:`~bioscan_jax.models.layers.BertConfig`
+    and ``k``). ``vocab_size`` and ``num_labels`` default from ``k``."""
 
     k: int = 4
-    hidden_size: int = 768
-    num_layers: int = 12
-    num_heads: int = 12
-    intermediate_size: int = 3072
-    max_position_embeddings: int = 512
-    type_vocab_size: int = 2
-    dropout_rate: float = 0.1
-    attention_dropout_rate: float = 0.1
-    layer_norm_eps: float = 1e-12
-    pad_token_id: int = 0
-    initializer_range: float = 0.02
-    vocab_size: int | None = None  # default 4**k + 2
     num_labels: int | None = None  # MLM classes, default 4**k
-    hidden_act: str = "gelu"  # exact erf, as HF "gelu"
-    attention_impl: str = "einsum"  # or "xla" / "cudnn" (jax.nn.dot_product_attention when no attn dropout)
-    dtype: Any = None  # compute dtype (None: float32 params → float32 compute)
-    param_dtype: Any = jnp.float32
-    remat: bool = False
-    scan_layers: bool = False  # stacked blocks run with nnx.scan (layers.Encoder scan=True)
 
     def __post_init__(self):
         if self.k < 1:
             raise ValueError(f"k must be >= 1, got {self.k}")
-        if self.vocab_size is None:
+        if self.vocab_size is None:  # default 4**k + 2
             object.__setattr__(self, "vocab_size", 4**self.k + 2)
         if self.num_labels is None:
             object.__setattr__(self, "num_labels", 4**self.k)
@@ -76,21 +60,6 @@ class KmerBertConfig:
             overrides.setdefault("num_labels", None)
         return dataclasses.replace(self, **overrides)
 
-    def block_config(self) -> layers.BlockConfig:
-        return layers.BlockConfig(
-            dim=self.hidden_size,
-            num_heads=self.num_heads,
-            mlp_dim=self.intermediate_size,
-            pre_norm=False,
-            layer_norm_eps=self.layer_norm_eps,
-            dropout=self.dropout_rate,
-            attention_dropout=self.attention_dropout_rate,
-            activation=self.hidden_act,
-            attention_impl=self.attention_impl,
-            initializer_range=self.initializer_range,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
 
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -98,7 +67,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "tiny": dict(k=4, hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512),
     # BIOSCAN-5M paper model "Ours (8-4-4)".
     "paper": dict(k=8, hidden_size=768, num_layers=4, num_heads=4, intermediate_size=3072),
-    "8_4_4": dict(k=8, hidden_size=768, num_layers=4, num_heads=4, intermediate_size=3072),
     # Original BarcodeBERT (Canadian invertebrates), k=4.
     "4_12_12": dict(k=4, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072),
     # Throughput benchmark model.
@@ -119,26 +87,19 @@ def get_variant(name: str, **overrides) -> KmerBertConfig:
     return KmerBertConfig(**{**VARIANTS[name], **overrides})
 
 
-class KmerBert(nnx.Module):
-    """Embeddings → post-LN encoder. Returns ``(last_hidden [B,T,D], aux)``."""
+def config_from(section) -> KmerBertConfig:
+    """The config of a model section of a task config: ``variant`` (default ``'tiny'``), optional
+    ``remat`` / ``scan_layers`` and ``overrides`` (field -> value)."""
+    overrides = dict(section.get("overrides", None) or {})
+    for name in ("remat", "scan_layers"):
+        if section.get(name, None) is not None:
+            overrides[name] = bool(section.get(name))
+    return get_variant(section.get("variant", None) or "tiny", **overrides)
 
-    def __init__(self, config: KmerBertConfig, *, rngs: nnx.Rngs):
-        self.config = config
-        c = config
-        self.embeddings = layers.BertEmbeddings(
-            c.vocab_size,
-            c.hidden_size,
-            max_position=c.max_position_embeddings,
-            type_vocab_size=c.type_vocab_size,
-            pad_token_id=c.pad_token_id,
-            layer_norm_eps=c.layer_norm_eps,
-            dropout=c.dropout_rate,
-            initializer_range=c.initializer_range,
-            dtype=c.dtype,
-            param_dtype=c.param_dtype,
-            rngs=rngs,
-        )
-        self.encoder = layers.Encoder(c.block_config(), c.num_layers, remat=c.remat, scan=c.scan_layers, rngs=rngs)
+
+class KmerBert(layers.BertEncoder):
+    """Embeddings → post-LN encoder (:class:`~bioscan_jax.models.layers.BertEncoder`). Returns
+    ``(last_hidden [B,T,D], aux)``."""
 
     def __call__(
         self,
@@ -150,15 +111,8 @@ class KmerBert(nnx.Module):
         output_hidden_states: bool = False,
     ) -> tuple[Array, dict[str, Any]]:
         """``input_ids`` int [B, T]; ``attention_mask`` bool/int [B, T] (1 = real token)."""
-        x = self.embeddings(input_ids, token_type_ids, deterministic=deterministic)
-        if output_hidden_states:
-            x, all_hidden = self.encoder(x, attention_mask, deterministic=deterministic, return_all=True)
-        else:
-            x = self.encoder(x, attention_mask, deterministic=deterministic)
-        aux: dict[str, Any] = {"hidden": x, "pooled": layers.masked_mean(x, attention_mask)}
-        if output_hidden_states:
-            aux["hidden_states"] = all_hidden
-        return x, aux
+        return self.encode(input_ids, attention_mask, token_type_ids=token_type_ids, deterministic=deterministic,
+                           return_all=output_hidden_states)
 
 
 class KmerBertForMLM(nnx.Module):
@@ -240,21 +194,7 @@ class KmerBertClassifier(nnx.Module):
         return self.head(pooled).astype(jnp.float32), aux
 
 
-def copy_encoder(src: nnx.Module, dst: nnx.Module) -> None:
-    """Copy the encoder parameters of ``src`` into ``dst`` in place.
-
-    Either may be a ``KmerBert`` or any model with a ``.bert`` (``KmerBertForMLM``,
-    ``KmerBertClassifier``); the configs must agree in shape. Heads are left untouched.
-    """
-    s = src.bert if hasattr(src, "bert") else src
-    d = dst.bert if hasattr(dst, "bert") else dst
-    src_state = nnx.state(s, nnx.Param)
-    dst_state = nnx.state(d, nnx.Param)
-    s_shapes = {path: jnp.shape(v) for path, v in nnx.to_flat_state(src_state)}
-    d_shapes = {path: jnp.shape(v) for path, v in nnx.to_flat_state(dst_state)}
-    if s_shapes != d_shapes:
-        diff = sorted(
-            ".".join(map(str, p)) for p in set(s_shapes) ^ set(d_shapes)
-            | {p for p in set(s_shapes) & set(d_shapes) if s_shapes[p] != d_shapes[p]})
-        raise ValueError(f"encoder parameters differ between source and destination: {diff[:10]}")
-    nnx.update(d, src_state)
+def pooled_embedding(model, batch):
+    """Masked mean of the encoder's last hidden layer (the reference's probe embedding)."""
+    encoder = model.bert if hasattr(model, "bert") else model
+    return encoder(batch["ids"], batch["attention_mask"])[1]["pooled"]

@@ -32,7 +32,8 @@ name       meaning                                      used by
                                                         position embeddings (None, None, embed)
 ========== ============================================ =====================================
 
-``DEFAULT_LOGICAL_AXIS_RULES`` is a rules table that covers every name above (MaxText style).
+The one rules table that maps them to mesh axes is :data:`bioscan_jax.sharding.DEFAULT_SHARDING_RULES`
+(MaxText style).
 
 Eager sharding: with flax's eager sharding on, *and* a mesh set (``jax.set_mesh``) *and* logical
 axis rules in context (``flax.core.spmd.logical_axis_rules`` / ``nn.logical_axis_rules``), the
@@ -58,20 +59,12 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.core import spmd as core_spmd
 
+from bioscan_jax.sharding import constrain
+
 Array = jax.Array
 Dtype = Any
 
 LOGICAL_AXIS_NAMES = ("embed", "mlp", "heads", "kv", "vocab", "classes", "layers")
-
-DEFAULT_LOGICAL_AXIS_RULES = (
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv", None),
-    ("vocab", "tensor"),
-    ("classes", None),
-    ("layers", None),
-)
 
 #: HF BERT initialiser: normal(std=0.02) kernels, zero biases.
 default_kernel_init = nnx.initializers.normal(0.02)
@@ -291,24 +284,6 @@ class DropPath(nnx.Module):
         return jnp.where(mask, x / keep, 0).astype(x.dtype)
 
 
-def attention_bias(mask: Array | None, dtype: Dtype = jnp.float32) -> Array | None:
-    """Boolean key-padding mask ``[B, T]`` (True = attend) → additive bias ``[B, 1, 1, T]``.
-
-    Same as HF's extended attention mask: 0 where attended, ``finfo(dtype).min`` elsewhere.
-    """
-    if mask is None:
-        return None
-    mask = jnp.asarray(mask)
-    if mask.ndim != 2:
-        raise ValueError(f"attention mask must be [batch, tokens], got shape {mask.shape}")
-    return jnp.where(mask.astype(bool), 0.0, jnp.finfo(dtype).min).astype(dtype)[:, None, None, :]
-
-
-# ---------------------------------------------------------------------------------------------
-# Attention, MLP, block, encoder
-# ---------------------------------------------------------------------------------------------
-
-
 def _activation(name: str) -> Callable[[Array], Array]:
     if name in ("gelu", "gelu_erf"):
         return lambda x: jax.nn.gelu(x, approximate=False)
@@ -512,8 +487,6 @@ class Encoder(nnx.Module):
         # Without it, under FSDP (parameters sharded on the same mesh axis as the batch) XLA may
         # all-gather the whole batch: BarcodeBERT paper on fsdp=8 needed 32 GiB of temporaries
         # per device instead of 5 GiB (python -m bioscan_jax.plan).
-        from bioscan_jax.train.mesh import constrain
-
         x = constrain(x, ("batch", None, None))
         if self.scan:
             @nnx.scan(in_axes=(0, nnx.Carry), out_axes=(nnx.Carry, 0))
@@ -623,3 +596,87 @@ class BertEmbeddings(nnx.Module):
         else:
             x = x + self.token_type(token_type_ids)
         return self.dropout(self.norm(x), deterministic=deterministic)
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    """The fields of a BERT encoder (HF ``BertConfig`` names where they exist), shared by the
+    k-mer BERT (:class:`bioscan_jax.models.kmer_bert.KmerBertConfig`, which derives
+    ``vocab_size`` from ``k``) and the taxonomy-text tower (:class:`bioscan_jax.models.text.TextConfig`)."""
+
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    dropout_rate: float = 0.1
+    attention_dropout_rate: float = 0.1
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    initializer_range: float = 0.02
+    vocab_size: int | None = None
+    hidden_act: str = "gelu"  # exact erf, as HF "gelu"
+    attention_impl: str = "einsum"  # or "xla" / "cudnn" (jax.nn.dot_product_attention when no attn dropout)
+    dtype: Any = None  # compute dtype (None: float32 params → float32 compute)
+    param_dtype: Any = jnp.float32
+    remat: bool = False
+    scan_layers: bool = False  # stacked blocks run with nnx.scan (Encoder scan=True)
+
+    def block_config(self) -> BlockConfig:
+        """The post-LN transformer block of this encoder."""
+        return BlockConfig(
+            dim=self.hidden_size,
+            num_heads=self.num_heads,
+            mlp_dim=self.intermediate_size,
+            pre_norm=False,
+            layer_norm_eps=self.layer_norm_eps,
+            dropout=self.dropout_rate,
+            attention_dropout=self.attention_dropout_rate,
+            activation=self.hidden_act,
+            attention_impl=self.attention_impl,
+            initializer_range=self.initializer_range,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+
+
+class BertEncoder(nnx.Module):
+    """BERT's token embeddings → post-LN transformer encoder, built from a :class:`BertConfig`.
+
+    The one encoder of the k-mer BERT (:class:`bioscan_jax.models.kmer_bert.KmerBert`) and the
+    taxonomy-text tower (:class:`bioscan_jax.models.text.TextEncoder`); they differ only in the
+    vocabulary their config names and in what they return. Parameters: ``embeddings``,
+    ``encoder`` (the layout the checkpoint converters map HF BERT onto).
+    """
+
+    def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
+        self.config = c = config
+        self.embeddings = BertEmbeddings(
+            c.vocab_size,
+            c.hidden_size,
+            max_position=c.max_position_embeddings,
+            type_vocab_size=c.type_vocab_size,
+            pad_token_id=c.pad_token_id,
+            layer_norm_eps=c.layer_norm_eps,
+            dropout=c.dropout_rate,
+            initializer_range=c.initializer_range,
+            dtype=c.dtype,
+            param_dtype=c.param_dtype,
+            rngs=rngs,
+        )
+        self.encoder = Encoder(c.block_config(), c.num_layers, remat=c.remat, scan=c.scan_layers, rngs=rngs)
+
+    def encode(self, input_ids: Array, attention_mask: Array | None = None, *, token_type_ids: Array | None = None,
+               deterministic: bool | None = None, return_all: bool = False) -> tuple[Array, dict[str, Any]]:
+        """``(last hidden [B, T, D], aux)``: ``aux['hidden']`` the same, ``aux['pooled']`` its masked
+        mean over ``attention_mask`` [B, D]; with ``return_all`` also ``aux['hidden_states']``."""
+        x = self.embeddings(input_ids, token_type_ids, deterministic=deterministic)
+        if return_all:
+            x, all_hidden = self.encoder(x, attention_mask, deterministic=deterministic, return_all=True)
+        else:
+            x = self.encoder(x, attention_mask, deterministic=deterministic)
+        aux: dict[str, Any] = {"hidden": x, "pooled": masked_mean(x, attention_mask)}
+        if return_all:
+            aux["hidden_states"] = all_hidden
+        return x, aux

@@ -49,9 +49,10 @@ from bioscan_jax.eval import clustering
 from bioscan_jax.eval import clustering_plots
 from bioscan_jax.eval import embed as embed_lib
 from bioscan_jax.models import kmer_bert, vit
-from bioscan_jax.tasks import barcodebert
-from bioscan_jax.train import mesh as mesh_lib
-from tfds_builder.bioscan5m import fields
+from bioscan_jax import config_access
+from bioscan_jax import sharding as mesh_lib
+from bioscan_jax.train import stages
+from bioscan_jax.data import fields
 
 logger = logging.getLogger(__name__)
 
@@ -156,10 +157,6 @@ def _fingerprint(obj: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
-def _to_dict(c: Any) -> Any:
-    return c.to_dict() if hasattr(c, "to_dict") else c
-
-
 def dna_batches(k: int, max_nucleotides: int, stride: int | None = None, frames: int = 1) -> Callable:
     """Eval DNA batches for the ZSC protocol: k-mer tokens with trailing N stripped.
 
@@ -213,7 +210,7 @@ def vit_embed_fn(normalize: str) -> embed_lib.EmbedFn:
 
 
 def _vit_config(m: Any) -> vit.ViTConfig:
-    overrides = {**_to_dict(m.overrides), "image_size": int(m.image_size) or 224}
+    overrides = {**config_access.to_dict(m.overrides), "image_size": int(m.image_size) or 224}
     eps = float(m.layer_norm_eps) or (1e-6 if m.weights == "timm" else 1e-12)
     return vit.get_variant(m.variant or "B/16", **{"layer_norm_eps": eps, **overrides})
 
@@ -237,51 +234,32 @@ def dna_embed_fn(model, batch):
     frames (``[B, F, T]`` tokens), the mean of the frames' embeddings."""
     ids, mask = batch["ids"], batch["attention_mask"]
     if ids.ndim == 2:
-        return barcodebert.pooled_embedding(model, batch)
+        return kmer_bert.pooled_embedding(model, batch)
     b, f, t = ids.shape
-    pooled = barcodebert.pooled_embedding(model, {"ids": ids.reshape(b * f, t), "attention_mask": mask.reshape(b * f, t)})
+    pooled = kmer_bert.pooled_embedding(model, {"ids": ids.reshape(b * f, t), "attention_mask": mask.reshape(b * f, t)})
     return pooled.reshape(b, f, -1).mean(axis=1)
 
 
-def _barcodebert_stage_config(config) -> ml_collections.ConfigDict:
-    """The config :func:`bioscan_jax.tasks.barcodebert.pretrain` reads, from ``config.barcodebert``."""
-    c = ml_collections.ConfigDict()
-    c.seed = config.seed
-    c.mesh = config.mesh
-    c.sharding_rules = config.sharding_rules
-    c.data = dict(source=config.data.source,
-                  pretrain_split=sources.pretrain_split(config.data, config.barcodebert.pretrain_split),
-                  worker_count=config.data.worker_count)
-    c.pretrain = config.barcodebert.pretrain
-    c.resume = config.get("resume", "auto")
-    return c
-
-
 def pretrained_barcodebert(config, workdir: str) -> nnx.Module:
-    """BarcodeBERT pretrained by the barcodebert task on ``config.barcodebert.pretrain_split``.
+    """BarcodeBERT pretrained (:func:`bioscan_jax.train.stages.pretrain_mlm`, as the barcodebert
+    task does) on ``config.barcodebert.pretrain_split``.
 
     The run lives in ``workdir/models/barcodebert_<hash of the section>``: a later run with the
     same settings finds the final checkpoint there and does not train again.
     """
     section = config.barcodebert
-    model_cfg = barcodebert.model_config(section.model)
-    run_dir = os.path.join(workdir, "models", f"barcodebert_{_fingerprint([_to_dict(section), config.seed])}")
+    model_cfg = kmer_bert.config_from(section.model)
+    run_dir = os.path.join(workdir, "models", f"barcodebert_{_fingerprint([config_access.to_dict(section), config.seed])}")
     tokenizer = dna_lib.KmerTokenizer(model_cfg.k, max_nucleotides=config.data.max_nucleotides,
                                       strip_trailing_n=True)
     split = sources.pretrain_split(config.data, section.pretrain_split)
-    data = sources.open_splits(config.data, [split], features=(*barcodebert.DNA_FEATURES, schema.FIRST_OF_BARCODE),
-                               seed=config.seed)
-    if section.dedup_barcodes:  # the reference's data/data_split.py deduplication
-        data.sources[split] = sources.reference_dedup(data[split])
+    data = stages.open_dna_split(config.data, split, seed=config.seed, dedup=section.dedup_barcodes)
     t0 = time.perf_counter()
-    result = barcodebert.pretrain(_barcodebert_stage_config(config), data, model_cfg, tokenizer, run_dir)
+    result = stages.pretrain_mlm(config, section.pretrain, data, split, model_cfg, tokenizer,
+                                 os.path.join(run_dir, "pretrain"), worker_count=config.data.worker_count)
     logger.info("BarcodeBERT pretraining: %d steps (%d this run) in %.1fs, %s", result.step,
                 result.step - result.start_step, time.perf_counter() - t0, run_dir)
     return result.model().bert
-
-
-def _kmer_bert_config(m: Any) -> kmer_bert.KmerBertConfig:
-    return kmer_bert.get_variant(m.variant or "tiny", **_to_dict(m.overrides))
 
 
 def dna_encoder(name: str, m: Any, config, workdir: str) -> Encoder:
@@ -291,9 +269,9 @@ def dna_encoder(name: str, m: Any, config, workdir: str) -> Encoder:
     elif m.weights == "checkpoint":
         from bioscan_jax.convert import barcodebert as bb_load
 
-        model = bb_load.load_workdir(m.path, model_config=_kmer_bert_config(m)).model
+        model = bb_load.load_workdir(m.path, model_config=kmer_bert.config_from(m)).model
     else:
-        model = kmer_bert.KmerBert(_kmer_bert_config(m), rngs=nnx.Rngs(config.seed))
+        model = kmer_bert.KmerBert(kmer_bert.config_from(m), rngs=nnx.Rngs(config.seed))
         if m.weights == "hf":
             from bioscan_jax.convert import hf_bert
 
@@ -328,7 +306,7 @@ def kmer_encoder(m: Any, config) -> Encoder:
 def clibd_workdir(config, workdir: str) -> str:
     """Where the CLIBD towers live: ``config.clibd_workdir`` or one per CLIBD config in the workdir."""
     return config.clibd_workdir or os.path.join(
-        workdir, "models", f"clibd_{_fingerprint([_to_dict(config.clibd), config.seed])}")
+        workdir, "models", f"clibd_{_fingerprint([config_access.to_dict(config.clibd), config.seed])}")
 
 
 def clibd_towers(config, workdir: str, cache: dict) -> nnx.Module:
@@ -336,7 +314,7 @@ def clibd_towers(config, workdir: str, cache: dict) -> nnx.Module:
     else trained by the CLIBD task in this run's workdir (resumed, or returned at once when a
     previous run already finished it)."""
     if "clibd" not in cache:
-        from bioscan_jax.tasks import clibd  # only when a CLIBD tower is used
+        from bioscan_jax.train import clibd  # only when a CLIBD tower is used
 
         path = clibd_workdir(config, workdir)
         if config.clibd_workdir:
@@ -389,11 +367,11 @@ def build_encoder(name: str, config, workdir: str, cache: dict) -> Encoder:
 def model_fingerprint(name: str, config) -> str:
     """What an embedding depends on besides the records: the model entry and its weights' source."""
     m = config.models[name]
-    parts: list[Any] = [_to_dict(m), config.seed, config.data.max_nucleotides]
+    parts: list[Any] = [config_access.to_dict(m), config.seed, config.data.max_nucleotides]
     if m.weights == "pretrain":
-        parts.append(_to_dict(config.barcodebert))
+        parts.append(config_access.to_dict(config.barcodebert))
     if m.weights == "clibd":
-        parts.append([_to_dict(config.clibd), config.clibd_workdir])
+        parts.append([config_access.to_dict(config.clibd), config.clibd_workdir])
     return _fingerprint(parts)
 
 
@@ -610,7 +588,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "split": split,
         "n_records": int(len(processid)),
         "n_species": n_species,
-        "cluster": _to_dict(config.cluster),
+        "cluster": config_access.to_dict(config.cluster),
         "seed": int(config.seed),
         "embeddings": embed_info,
         "results": results,

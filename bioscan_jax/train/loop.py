@@ -1,15 +1,23 @@
 """The generic train loop: mesh, init or resume, steps, logging, checkpoints, evaluation.
 
-Usage (a task module supplies the model, its loss and its input pipeline)::
+Usage (a task module supplies the model, its loss, its input pipeline and its evaluators; here
+species fine-tuning as in :mod:`bioscan_jax.tasks.barcodebert`)::
 
+    cfg = kmer_bert.get_variant('tiny')
     result = train(
         config, workdir,
-        model_factory=lambda rngs: KmerBertForMLM(get_variant('tiny'), rngs=rngs),
-        loss_fn=mlm_loss,                        # (model, batch, *, train) -> (loss, metrics)
-        data_iter_factory=lambda: make_train_iterator(config),   # process-local numpy batches
-        evaluators=[knn_probe],                  # (step, state, setup) -> {name: value}
+        model_factory=lambda rngs: kmer_bert.KmerBertClassifier(cfg, num_species, rngs=rngs),
+        loss_fn=losses.classification_loss,      # (model, batch, *, train) -> (loss, metrics)
+        data_iter_factory=lambda: iter(pipeline.dna_pipeline(   # process-local numpy batches
+            records, tokenizer=tokenizer, batch_size=32, train=True, label_rank='species')),
+        steps_per_epoch=len(records) // 32,
+        evaluators=[evaluators.Accuracy(predict_val, prefix='val')],  # .run(model, step) -> {'val/accuracy': ...}
     )
     model = result.model()
+
+Evaluators (:mod:`bioscan_jax.eval.evaluators`) run at the steps :func:`is_eval_step` picks: every
+``train.eval_every`` steps, or at each epoch end when ``train.eval_every`` is 0 and
+``steps_per_epoch`` is known, and always after the last step.
 
 Config fields read (every one has a default, see :func:`default_config`)::
 
@@ -50,7 +58,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -59,10 +67,11 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from bioscan_jax.train import mesh as mesh_lib
+from bioscan_jax import config_access
+from bioscan_jax import sharding as mesh_lib
 from bioscan_jax.train import optim as optim_lib
 from bioscan_jax.train import run_identity
-from bioscan_jax.train.checkpoint import Checkpointer
+from bioscan_jax.checkpoint import Checkpointer
 from bioscan_jax.train.metrics import MetricsWriter
 from bioscan_jax.train.state import (ModelFactory, TrainSetup, TrainState, abstract_train_state, init_train_state,
                                      warm_start as apply_warm_start)
@@ -70,7 +79,15 @@ from bioscan_jax.train.step import LossFn, make_train_step
 
 logger = logging.getLogger(__name__)
 
-Evaluator = Callable[[int, TrainState, TrainSetup], Mapping[str, Any]]
+#: The former evaluator form, still accepted: ``(step, state, setup) -> {name: value}``.
+
+
+@runtime_checkable
+class Evaluator(Protocol):
+    """What the loop runs during training: ``run(model, step)`` -> ``{name: value}`` (scalars, e.g.
+    ``{'val/accuracy': 0.93}``). Implementations live in :mod:`bioscan_jax.eval.evaluators`."""
+
+    def run(self, model: nnx.Module, step: int) -> Mapping[str, Any]: ...
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -168,24 +185,13 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-def _section(config: Any, name: str) -> Any:
-    return config.get(name, None) if hasattr(config, "get") else getattr(config, name, None)
-
-
-def _opt(section: Any, name: str, default: Any) -> Any:
-    if section is None:
-        return default
-    value = section.get(name, default) if hasattr(section, "get") else getattr(section, name, default)
-    return default if value is None else value
-
-
 def total_train_steps(config: Any, steps_per_epoch: int | None = None) -> int:
     """``train.steps`` if set, else ``train.epochs * steps_per_epoch``; raise when neither works."""
-    t = _section(config, "train")
-    steps = int(_opt(t, "steps", 0))
+    t = config_access.get(config, "train")
+    steps = int(config_access.get(t, "steps", 0))
     if steps > 0:
         return steps
-    epochs = float(_opt(t, "epochs", 0))
+    epochs = float(config_access.get(t, "epochs", 0))
     if epochs > 0:
         if not steps_per_epoch:
             raise ValueError(
@@ -200,24 +206,24 @@ def validate_config(config: Any, num_devices: int | None = None, steps_per_epoch
 
     Raises ``ValueError`` saying which field to change.
     """
-    mesh = mesh_lib.make_mesh(_section(config, "mesh")) if num_devices is None else None
+    mesh = mesh_lib.make_mesh(config_access.get(config, "mesh")) if num_devices is None else None
     if mesh is None:
-        shape = mesh_lib.mesh_shape(_section(config, "mesh"), num_devices)
+        shape = mesh_lib.mesh_shape(config_access.get(config, "mesh"), num_devices)
         mesh_sizes = dict(zip(mesh_lib.MESH_AXES, shape))
     else:
         mesh_sizes = dict(mesh.shape)
-    t = _section(config, "train")
-    batch = int(_opt(t, "batch_size", 64))
-    accum = int(_opt(t, "accum_steps", 1))
+    t = config_access.get(config, "train")
+    batch = int(config_access.get(t, "batch_size", 64))
+    accum = int(config_access.get(t, "accum_steps", 1))
 
     mesh_lib.validate_batch(batch, mesh_sizes, accum)
-    mesh_lib.normalize_rules(_section(config, "sharding_rules"))
+    mesh_lib.normalize_rules(config_access.get(config, "sharding_rules"))
     total = total_train_steps(config, steps_per_epoch)
-    optim_lib.make_schedule(_section(config, "optim"), total_steps=total, global_batch=batch)
-    ck = _section(config, "checkpoint")
-    if int(_opt(ck, "every", 1000)) < 0 or int(_opt(ck, "keep", 3)) < 0:
+    optim_lib.make_schedule(config_access.get(config, "optim"), total_steps=total, global_batch=batch)
+    ck = config_access.get(config, "checkpoint")
+    if int(config_access.get(ck, "every", 1000)) < 0 or int(config_access.get(ck, "keep", 3)) < 0:
         raise ValueError("config.checkpoint.every and config.checkpoint.keep must be >= 0")
-    if int(_opt(t, "log_every", 50)) <= 0:
+    if int(config_access.get(t, "log_every", 50)) <= 0:
         raise ValueError("config.train.log_every must be >= 1")
     return mesh
 
@@ -232,6 +238,36 @@ def _save_config(config: Any, workdir: str) -> None:
         text = str(config)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(text)
+
+
+def is_eval_step(step: int, *, total: int, eval_every: int, steps_per_epoch: int | None) -> bool:
+    """Whether the evaluators run after ``step``: every ``eval_every`` steps when it is > 0; when it
+    is 0, at each epoch end (``step`` a multiple of ``steps_per_epoch``) if that is known; and
+    always after the last step (``total``)."""
+    if step == total:
+        return True
+    if eval_every > 0:
+        return step % eval_every == 0
+    return bool(steps_per_epoch) and step % steps_per_epoch == 0
+
+
+def _check_evaluators(evaluators: Sequence[Any]) -> None:
+    for evaluator in evaluators:
+        if not isinstance(evaluator, Evaluator):
+            raise TypeError(f"evaluator {evaluator!r} has no run(model, step) method (loop.Evaluator)")
+
+
+def run_evaluators(evaluators: Sequence[Evaluator], setup: TrainSetup, state: TrainState,
+                   step: int) -> dict[str, Any]:
+    """The loop side of the evaluator protocol: each evaluator's ``run(model, step)`` gets a live
+    model of ``state`` (:meth:`TrainSetup.merge`, a fresh one each, in eval mode); their results
+    are merged in order (a later name overrides an earlier one)."""
+    results: dict[str, Any] = {}
+    for evaluator in evaluators:
+        model = setup.merge(state)
+        model.eval()
+        results.update(dict(evaluator.run(model, step)))
+    return results
 
 
 def _checkpointable(it: Any) -> bool:
@@ -265,8 +301,15 @@ def train(
         a leading batch dimension of ``batch_size / process_count``). A grain ``DataLoader`` /
         ``DatasetIterator`` is checkpointed with the state; it must not run out before the last
         step (repeat epochs in the pipeline).
-      evaluators: ``(step, state, setup) -> {name: value}`` callbacks, run every
-        ``train.eval_every`` steps and after the last step; results go to the metrics.
+      evaluators: objects with ``run(model, step) -> {name: value}``
+        (:class:`Evaluator`, implemented in :mod:`bioscan_jax.eval.evaluators`; the model in eval mode, see
+        :func:`run_evaluators`), run every ``train.eval_every`` steps, or at each epoch end when
+        ``train.eval_every`` is 0 and ``steps_per_epoch`` is given, and always after the last step
+        (:func:`is_eval_step`). Their results, under the names they return (e.g.
+        ``val/accuracy``), are written as one record of that step to ``metrics.jsonl`` and
+        TensorBoard. Evaluation time is left out of the throughput figures. A finished run that is
+        run again returns at once, without evaluating. A plain callable ``(step, state, setup)``
+        (the former form) is still accepted.
       steps_per_epoch: needed when the length is given in ``train.epochs``.
       trainable: nnx filter of the optimised variables.
       warm_start: parameter values to start from instead of the random init, as a nested dict
@@ -281,31 +324,32 @@ def train(
     mesh_lib.maybe_initialize_distributed()
     workdir = os.fspath(workdir)
     mesh = validate_config(config, steps_per_epoch=steps_per_epoch)
-    rules = mesh_lib.normalize_rules(_section(config, "sharding_rules"))
-    t = _section(config, "train")
-    global_batch = int(_opt(t, "batch_size", 64))
-    accum = int(_opt(t, "accum_steps", 1))
-    log_every = int(_opt(t, "log_every", 50))
-    eval_every = int(_opt(t, "eval_every", 0))
+    rules = mesh_lib.normalize_rules(config_access.get(config, "sharding_rules"))
+    t = config_access.get(config, "train")
+    global_batch = int(config_access.get(t, "batch_size", 64))
+    accum = int(config_access.get(t, "accum_steps", 1))
+    log_every = int(config_access.get(t, "log_every", 50))
+    eval_every = int(config_access.get(t, "eval_every", 0))
     total = total_train_steps(config, steps_per_epoch)
-    ck = _section(config, "checkpoint")
-    ckpt_every = int(_opt(ck, "every", 1000))
-    seed = int(_opt(config, "seed", 0))
+    ck = config_access.get(config, "checkpoint")
+    ckpt_every = int(config_access.get(ck, "every", 1000))
+    seed = int(config_access.get(config, "seed", 0))
     local_batch = global_batch // jax.process_count()
+    _check_evaluators(evaluators)
 
     os.makedirs(workdir, exist_ok=True)
     digest = run_identity.check(workdir, run_identity.stage_identity(config, identity),
-                                str(_opt(config, "resume", "auto")), writer=jax.process_index() == 0)
+                                str(config_access.get(config, "resume", "auto")), writer=jax.process_index() == 0)
     if jax.process_count() > 1:  # process 0 may have deleted the old run (resume=restart)
         multihost_utils.sync_global_devices("bioscan_jax_run_identity")
     _save_config(config, workdir)
-    tx, schedule = optim_lib.make_optimizer(_section(config, "optim"), total_steps=total, global_batch=global_batch)
+    tx, schedule = optim_lib.make_optimizer(config_access.get(config, "optim"), total_steps=total, global_batch=global_batch)
     setup = abstract_train_state(model_factory, tx, mesh, rules, seed=seed, trainable=trainable)
     logger.info("mesh %s; %d parameters", dict(mesh.shape),
                 sum(math.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state["params"])))
 
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(_opt(ck, "keep", 3)),
-                        async_save=bool(_opt(ck, "async_save", True)))
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(config_access.get(ck, "keep", 3)),
+                        async_save=bool(config_access.get(ck, "async_save", True)))
     data_iter = data_iter_factory()
     save_data = _checkpointable(data_iter)
     if not save_data:
@@ -324,12 +368,12 @@ def train(
         return TrainResult(setup=setup, state=state, step=start, workdir=workdir, start_step=start,
                            fingerprint=digest)
 
-    compute_dtype = jnp.bfloat16 if bool(_opt(t, "bf16", False)) else None
+    compute_dtype = jnp.bfloat16 if bool(config_access.get(t, "bf16", False)) else None
     train_step = make_train_step(setup, loss_fn, tx, schedule=schedule, accum_steps=accum,
                                  compute_dtype=compute_dtype)
     writer = MetricsWriter(workdir, total_steps=total, initial_step=start,
-                           tensorboard=bool(_opt(t, "tensorboard", True)),
-                           progress_bar=bool(_opt(t, "progress_bar", True)))
+                           tensorboard=bool(config_access.get(t, "tensorboard", True)),
+                           progress_bar=bool(config_access.get(t, "progress_bar", True)))
     pending: list[tuple[int, dict[str, jax.Array]]] = []
     interval = {"steps": 0, "t0": time.perf_counter(), "pause": 0.0}
     interval_records: list[dict[str, float]] = []
@@ -375,7 +419,8 @@ def train(
                 is_last = step == total
                 is_log = step % log_every == 0 or is_last
                 is_ckpt = (ckpt_every > 0 and step % ckpt_every == 0) or is_last
-                is_eval = bool(evaluators) and ((eval_every > 0 and step % eval_every == 0) or is_last)
+                is_eval = bool(evaluators) and is_eval_step(step, total=total, eval_every=eval_every,
+                                                            steps_per_epoch=steps_per_epoch)
                 if is_log or is_ckpt or is_eval:
                     fetched = check_pending()
                     interval_records.extend(m for _, m in fetched)
@@ -401,9 +446,7 @@ def train(
                 if is_ckpt:
                     ckpt.save(step, state, data_iter if save_data else None)
                 if is_eval:
-                    results: dict[str, Any] = {}
-                    for evaluator in evaluators:
-                        results.update(dict(evaluator(step, state, setup)))
+                    results = run_evaluators(evaluators, setup, state, step)
                     if results:
                         writer.write(step, results)
                         logger.info("step %d eval: %s", step, results)

@@ -32,27 +32,18 @@ does (``optax.inject_hyperparams``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
 import optax
 
-
-def _get(cfg: Any, name: str, default: Any) -> Any:
-    if cfg is None:
-        return default
-    if isinstance(cfg, Mapping):
-        value = cfg.get(name, default)
-    else:
-        value = getattr(cfg, name, default)
-    return default if value is None and default is not None else value
+from bioscan_jax import config_access
 
 
 def peak_lr(optim_config: Any, global_batch: int) -> float:
     """``lr * global_batch / lr_ref_batch`` (linear scaling), or ``lr`` when no reference batch."""
-    lr = float(_get(optim_config, "lr", 1e-4))
-    ref = _get(optim_config, "lr_ref_batch", 64)
+    lr = float(config_access.get(optim_config, "lr", 1e-4))
+    ref = config_access.get(optim_config, "lr_ref_batch", 64)
     if ref:
         lr *= global_batch / float(ref)
     return lr
@@ -85,12 +76,12 @@ def make_schedule(optim_config: Any, *, total_steps: int, global_batch: int) -> 
     if total_steps <= 0:
         raise ValueError(f"the number of training steps must be positive, got {total_steps}")
     peak = peak_lr(optim_config, global_batch)
-    kind = str(_get(optim_config, "schedule", "onecycle")).lower()
-    warmup_frac = float(_get(optim_config, "warmup_frac", 0.3))
+    kind = str(config_access.get(optim_config, "schedule", "onecycle")).lower()
+    warmup_frac = float(config_access.get(optim_config, "warmup_frac", 0.3))
     if not 0.0 <= warmup_frac < 1.0:
         raise ValueError(f"config.optim.warmup_frac must be in [0, 1), got {warmup_frac}")
-    div = float(_get(optim_config, "div_factor", 25.0))
-    final_div = float(_get(optim_config, "final_div_factor", 1e4))
+    div = float(config_access.get(optim_config, "div_factor", 25.0))
+    final_div = float(config_access.get(optim_config, "final_div_factor", 1e4))
     if kind == "onecycle":
         return onecycle(total_steps, start=peak / div, peak=peak, end=peak / div / final_div, pct_start=warmup_frac)
     if kind == "warmup_cosine":
@@ -110,23 +101,23 @@ def make_optimizer(
     """AdamW (+ optional global-norm clipping) driven by :func:`make_schedule` (and, with
     ``cycle_momentum``, beta1 driven by the matching OneCycle momentum curve)."""
     schedule = make_schedule(optim_config, total_steps=total_steps, global_batch=global_batch)
-    b1: Any = float(_get(optim_config, "b1", 0.9))
+    b1: Any = float(config_access.get(optim_config, "b1", 0.9))
     adamw = optax.adamw
-    if bool(_get(optim_config, "cycle_momentum", False)):
-        if str(_get(optim_config, "schedule", "onecycle")).lower() != "onecycle":
+    if bool(config_access.get(optim_config, "cycle_momentum", False)):
+        if str(config_access.get(optim_config, "schedule", "onecycle")).lower() != "onecycle":
             raise ValueError("config.optim.cycle_momentum=True needs config.optim.schedule='onecycle'")
-        high, low = float(_get(optim_config, "max_momentum", 0.95)), float(_get(optim_config, "base_momentum", 0.85))
+        high, low = float(config_access.get(optim_config, "max_momentum", 0.95)), float(config_access.get(optim_config, "base_momentum", 0.85))
         b1 = onecycle(total_steps, start=high, peak=low, end=high,
-                      pct_start=float(_get(optim_config, "warmup_frac", 0.3)))
+                      pct_start=float(config_access.get(optim_config, "warmup_frac", 0.3)))
         adamw = optax.inject_hyperparams(optax.adamw)
     tx = adamw(
         learning_rate=schedule,
         b1=b1,
-        b2=float(_get(optim_config, "b2", 0.999)),
-        eps=float(_get(optim_config, "eps", 1e-8)),
-        weight_decay=float(_get(optim_config, "weight_decay", 0.0)),
+        b2=float(config_access.get(optim_config, "b2", 0.999)),
+        eps=float(config_access.get(optim_config, "eps", 1e-8)),
+        weight_decay=float(config_access.get(optim_config, "weight_decay", 0.0)),
     )
-    clip = float(_get(optim_config, "grad_clip", 0.0) or 0.0)
+    clip = float(config_access.get(optim_config, "grad_clip", 0.0) or 0.0)
     if clip > 0:
         tx = optax.chain(optax.clip_by_global_norm(clip), tx)
     return tx, schedule

@@ -25,7 +25,7 @@ import shutil
 from collections.abc import Mapping
 from typing import Any
 
-from bioscan_jax.train import checkpoint
+from bioscan_jax import checkpoint
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ How the state is created (:func:`create_train_state`):
 1. ``nnx.eval_shape`` of ``model_factory(rngs)`` with eager sharding off (no compute, no mesh
    needed) gives the graphdef, shapes and the logical axis names of every parameter;
 2. the rules table maps those names to concrete ``NamedSharding`` on the mesh
-   (:func:`bioscan_jax.train.mesh.variable_shardings`); the optimizer state inherits the sharding
+   (:func:`bioscan_jax.sharding.variable_shardings`); the optimizer state inherits the sharding
    of the parameter it mirrors (Adam's ``mu``/``nu``), its counters are replicated;
 3. a ``jax.jit``-ed init with ``out_shardings`` creates the parameters and the optimizer state
    directly in their shards: no device ever holds the whole unsharded model.
@@ -37,7 +37,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from bioscan_jax.train import mesh as mesh_lib
+from bioscan_jax import sharding as mesh_lib
 
 ModelFactory = Callable[[nnx.Rngs], nnx.Module]
 TrainState = dict[str, Any]
@@ -58,10 +58,6 @@ class TrainSetup:
     shardings: TrainState  # same tree as the state, NamedSharding leaves
     abstract_state: TrainState  # same tree, ShapeDtypeStruct leaves with concrete shardings
     trainable: Any = nnx.Param  # nnx filter for the optimised variables
-
-    @property
-    def param_shardings(self) -> dict:
-        return self.shardings["params"]
 
     def merge(self, state: TrainState) -> nnx.Module:
         """A live NNX model from a train state (for evaluation, export, inspection)."""

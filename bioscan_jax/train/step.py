@@ -31,7 +31,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from bioscan_jax.train import mesh as mesh_lib
+from bioscan_jax import sharding as mesh_lib
 from bioscan_jax.train.state import TrainSetup, TrainState
 
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
@@ -172,50 +172,3 @@ def make_train_step(
 
     train_step.jitted = jitted  # type: ignore[attr-defined]
     return train_step
-
-
-def make_eval_step(
-    setup: TrainSetup, loss_fn: LossFn, *, compute_dtype: Any = None
-) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
-    """Jitted ``(state, batch) -> metrics`` with the model in eval mode (``loss`` included).
-
-    The state is not modified (RNG counters advanced inside are discarded).
-    """
-    mesh = setup.mesh
-    forward = _forward(setup, loss_fn, compute_dtype, train=False)
-
-    def step(state: TrainState, batch: Batch):
-        loss, (metrics, _) = forward(state["params"], state["model_state"], batch)
-        return {**metrics, "loss": loss}
-
-    jitted = jax.jit(
-        step,
-        in_shardings=(setup.shardings, mesh_lib.batch_sharding(mesh)),
-        out_shardings=mesh_lib.replicated(mesh),
-    )
-
-    def eval_step(state: TrainState, batch: Batch):
-        with mesh_lib.mesh_context(mesh, setup.rules):
-            return jitted(state, batch)
-
-    eval_step.jitted = jitted  # type: ignore[attr-defined]
-    return eval_step
-
-
-def evaluate(
-    eval_step: Callable[[TrainState, Batch], dict[str, jax.Array]],
-    state: TrainState,
-    batches: Any,
-    mesh,
-) -> dict[str, float]:
-    """Run ``eval_step`` over an iterable of process-local batches; average (``num_*``: sum)."""
-    sums: dict[str, float] = {}
-    n = 0
-    for local in batches:
-        m = jax.device_get(eval_step(state, mesh_lib.to_global_batch(local, mesh)))
-        for k, v in m.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-        n += 1
-    if n == 0:
-        return {}
-    return {k: v if _is_count(k) else v / n for k, v in sums.items()}

@@ -12,7 +12,7 @@ from absl import logging
 from etils import epath
 
 from bioscan_jax.data import schema
-from tfds_builder.bioscan5m import fields
+from bioscan_jax.data import fields
 from tfds_builder.bioscan5m import jpeg_check
 from tfds_builder.bioscan5m import records
 from tfds_builder.bioscan5m import sources
@@ -93,7 +93,7 @@ BUILDER_CONFIGS = [
 
 
 def features_dict(with_image: bool) -> tfds.features.FeaturesDict:
-    """The features of a config (see :mod:`tfds_builder.bioscan5m.fields` for the names)."""
+    """The features of a config (see :mod:`bioscan_jax.data.fields` for the names)."""
     spec: dict = {}
     if with_image:
         spec[fields.IMAGE] = tfds.features.Image(encoding_format="jpeg", doc="JPEG bytes of the source file, unchanged")
@@ -155,8 +155,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     The `synthetic` configs need no download.
     """
 
-    # TFDS infers these from the package via `importlib_resources`, which is not a
-    # dependency on Python >= 3.9: point them at this folder directly.
+    # Set explicitly (TFDS would infer them from the module with `epath.resource_path`): the
+    # builder's folder is this file's, however the package was imported.
     pkg_dir_path = epath.Path(__file__).parent
 
     @tfds.core.utils.classproperty

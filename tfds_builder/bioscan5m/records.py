@@ -38,7 +38,7 @@ from absl import logging
 
 from bioscan_jax.data import schema
 from bioscan_jax.data.bold import VALUE_RANGES
-from tfds_builder.bioscan5m import fields
+from bioscan_jax.data import fields
 from tfds_builder.bioscan5m.sources import MetadataFile
 
 REASONS: tuple[str, ...] = (

@@ -1,4 +1,8 @@
-"""Device mesh, logical-axis sharding rules and host → global batches.
+"""Device mesh, logical-axis sharding rules, host → global batches, and gathering across processes.
+
+The one module below models, training and evaluation that all of them use for sharding (as
+big_vision's ``sharding.py``): models call :func:`constrain` on activations, the train loop and
+the evaluators build meshes, shard batches and gather results with it.
 
 Mesh
 ----
@@ -41,7 +45,10 @@ import jax
 import numpy as np
 from flax import nnx
 from flax.core import spmd as core_spmd
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from bioscan_jax import config_access
 
 logger = logging.getLogger(__name__)
 
@@ -122,17 +129,9 @@ def maybe_initialize_distributed() -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
-def _get(cfg: Any, name: str, default: Any) -> Any:
-    if cfg is None:
-        return default
-    if isinstance(cfg, Mapping):
-        return cfg.get(name, default)
-    return getattr(cfg, name, default)
-
-
 def mesh_shape(mesh_config: Any, num_devices: int) -> tuple[int, int, int]:
     """Resolve ``{data, fsdp, tensor}`` (``-1`` = fill) against ``num_devices``; raise on mismatch."""
-    given = {a: _get(mesh_config, a, None) for a in MESH_AXES}
+    given = {a: config_access.get(mesh_config, a) for a in MESH_AXES}
     # An unspecified axis is 1, except `data`, which fills when no other axis does.
     fill_data = given["data"] is None and -1 not in (given["fsdp"], given["tensor"])
     sizes = [int(given[a]) if given[a] is not None else (-1 if a == "data" and fill_data else 1)
@@ -382,3 +381,60 @@ def to_global_batch(local_batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax
             raise ValueError(f"batch entry {key!r} is a scalar; every batch entry needs a leading batch dimension")
         out[key] = jax.make_array_from_process_local_data(sharding, value)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Across processes: gather per-process results, replicate a host tree
+# ---------------------------------------------------------------------------------------------
+
+def gather_same_shape(x: np.ndarray) -> np.ndarray:
+    """``[processes, *x.shape]``: ``x`` of every process (all of one shape and dtype)."""
+    return np.asarray(multihost_utils.process_allgather(x))
+
+
+def allgather_rows(x: Any) -> np.ndarray:
+    """Concatenate each process's ``x`` (any number of rows) along axis 0, in process order.
+
+    Every process gets the whole result. Numbers, booleans and strings are supported; the
+    trailing dimensions must agree across processes.
+    """
+    x = np.asarray(x)
+    if jax.process_count() == 1:
+        return x
+    if x.ndim == 0:
+        raise ValueError("allgather_rows needs arrays with a leading (row) dimension")
+    kind = x.dtype.kind
+    if kind in "US":  # strings: gather as fixed-width code points
+        width = int(gather_same_shape(np.asarray([x.dtype.itemsize // (4 if kind == "U" else 1)], np.int64)).max())
+        width = max(width, 1)
+        target = np.dtype(f"{kind}{width}")
+        codes = x.astype(target).view(np.uint32 if kind == "U" else np.uint8).reshape(x.shape + (width,))
+        gathered = allgather_rows(codes.astype(np.int32))
+        return gathered.astype(np.uint32 if kind == "U" else np.uint8).view(target).reshape(gathered.shape[:-1])
+    if kind == "b":
+        return allgather_rows(x.astype(np.uint8)).astype(bool)
+    counts = gather_same_shape(np.asarray([x.shape[0]], np.int64))[:, 0]
+    longest = int(counts.max())
+    padded = np.zeros((longest,) + x.shape[1:], x.dtype)
+    padded[: x.shape[0]] = x
+    every = gather_same_shape(padded)
+    return np.concatenate([every[p, : int(n)] for p, n in enumerate(counts)], axis=0)
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Put every leaf of ``tree`` (identical on all processes) on all devices of ``mesh``.
+
+    Leaves that already are global arrays (spanning several processes, e.g. a train state) are
+    left as they are.
+    """
+    sharding = NamedSharding(mesh, P())
+
+    def put(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return x
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # RNG state
+            return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+        x = np.asarray(jax.device_get(x))
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(put, tree)

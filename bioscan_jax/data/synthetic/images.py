@@ -6,7 +6,7 @@ filling most of the frame.
 
 Appearance is inherited down the taxonomy. A specimen is described by a vector of
 :data:`TRAIT_NAMES` in an unbounded "latent" space; the generator draws an order template and
-perturbs it per family, genus and species (see ``synthetic.py``), so that relatives look alike.
+perturbs it per family, genus and species (see ``specimens.py``), so that relatives look alike.
 :func:`trait_values` maps a latent vector onto drawing parameters (lengths in body-length
 units, colours, pattern). The body plan (wings, elytra, eight legs, many segments) is fixed per
 order. Per-specimen variation (a little trait noise, pose, scale, lighting, background, sensor

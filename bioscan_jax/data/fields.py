@@ -1,4 +1,5 @@
-"""Feature names of the ``bioscan5m`` TFDS dataset, derived from the schema.
+"""Feature names of the ``bioscan5m`` TFDS dataset, derived from the schema (their one home:
+the builder and the pipelines both import them from here).
 
 This module is light (no TFDS, no TensorFlow): the pipelines import it to know
 the record layout. Every name is derived from :mod:`bioscan_jax.data.schema`:

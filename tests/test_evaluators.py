@@ -156,7 +156,9 @@ def test_mlm_validation_scores_the_same_masked_tokens_each_time():
     other = kmer_bert.KmerBertForMLM(kmer_bert.get_variant("tiny", num_layers=1), rngs=nnx.Rngs(1))
     other.eval()
     assert validation.run(other, 1)["val/mlm_loss"] != first["val/mlm_loss"]
-    assert stages.mlm_validation(stage, source[:5], tokenizer, seed=0, mesh=mesh, rules=rules, batch_size=8) is None
+    small = stages.mlm_validation(stage, source[:5], tokenizer, seed=0, mesh=mesh, rules=rules, batch_size=8)
+    assert small.records == 5 and len(small.batches) == 1  # a split smaller than a batch: one smaller batch
+    assert stages.mlm_validation(stage, [], tokenizer, seed=0, mesh=mesh, rules=rules, batch_size=8) is None
 
 
 # -- BarcodeBERT fine-tuning -------------------------------------------------------------------

@@ -97,11 +97,14 @@ class MlmValidation:
 
 def mlm_validation(stage: ml_collections.ConfigDict, source, tokenizer, *, seed: int, mesh, rules,
                    batch_size: int) -> MlmValidation | None:
-    """:class:`MlmValidation` of ``source`` with the stage's masking, or ``None`` (logged) when the
-    split has fewer records than one batch."""
-    if len(source) < batch_size:
+    """:class:`MlmValidation` of ``source`` with the stage's masking, in batches of ``batch_size``
+    (fewer for a smaller split: all of its records that fill whole batch shards), or ``None``
+    (logged) when the split has fewer records than the mesh has batch shards."""
+    shards = mesh_lib.batch_axis_size(mesh)
+    batch_size = min(batch_size, len(source) - len(source) % shards)
+    if batch_size <= 0:
         logger.info("pretraining reports no validation loss: the validation split has %d records, "
-                    "fewer than one batch of %d", len(source), batch_size)
+                    "fewer than the %d batch shards", len(source), shards)
         return None
     return MlmValidation(source, tokenizer, batch_size=batch_size, mask_prob=float(stage.mask_prob),
                          masked_only=bool(stage.masked_only), seed=seed, mesh=mesh, rules=rules)

@@ -106,7 +106,7 @@ def _image_embedder(args):
     from bioscan_jax.train import clibd
 
     resize, normalize = None, False
-    run_config = clibd.saved_config(args.model) if os.path.isdir(args.model) else None
+    run_config = clibd.saved_config(args.model)  # None unless a CLIBD run directory
     if run_config is not None:
         resize, normalize = run_config.data.get("resize"), bool(run_config.data.get("normalize_images", False))
     elif not os.path.isfile(args.model) and not (hub.is_hub_id(args.model) and ":" in args.model):

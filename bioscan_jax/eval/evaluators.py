@@ -108,10 +108,8 @@ class KeepBest:
         results = self.evaluator.run(model, step)
         value = float(results[self.metric])
         params = nnx.state(model, nnx.Param).to_pure_dict()
-        if not self._loaded:
-            self._best = self._read_best(params)
-            self._loaded = True
-        if math.isfinite(value) and (self._best is None or value > self._best[1]):
+        best = self._best_of(params)
+        if math.isfinite(value) and (best is None or value > best[1]):
             self._save(params, step, value)
             logger.info("step %d: best %s so far (%.4f), parameters kept in %s", step, self.metric, value,
                         self.directory)
@@ -119,10 +117,7 @@ class KeepBest:
 
     def best(self, model: nnx.Module) -> tuple[int, float] | None:
         """``(train step, value)`` of the kept parameters, or None when nothing was kept."""
-        if not self._loaded:
-            self._best = self._read_best(nnx.state(model, nnx.Param).to_pure_dict())
-            self._loaded = True
-        return self._best
+        return self._best_of(nnx.state(model, nnx.Param).to_pure_dict())
 
     def restore_into(self, model: nnx.Module) -> tuple[int, float]:
         """Copies the kept parameters into ``model`` (in place); returns their ``(step, value)``.
@@ -145,9 +140,13 @@ class KeepBest:
             tree, _ = ckpt.restore(target)
         return tree
 
-    def _read_best(self, params: Any) -> tuple[int, float] | None:
-        restored = self._restore(params)
-        return None if restored is None else (int(restored["step"]), float(restored["value"]))
+    def _best_of(self, params: Any) -> tuple[int, float] | None:
+        """The kept ``(step, value)``, read from the directory once (``params``: the restore layout)."""
+        if not self._loaded:
+            restored = self._restore(params)
+            self._best = None if restored is None else (int(restored["step"]), float(restored["value"]))
+            self._loaded = True
+        return self._best
 
     def _save(self, params: Any, step: int, value: float) -> None:
         number = (complete_steps(self.directory) or [0])[-1] + 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 
@@ -290,13 +291,18 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                     yield example, data, missing if data is None else jpeg_check.jpeg_problem(data)
             return
 
-        def keyed(items):
-            first, last = items[0][0]["processid"], items[-1][0]["processid"]
-            return (items, f"{first!r}..{last!r}"), [data for _, data, _ in items if data is not None]
+        sent: collections.deque = collections.deque()  # the chunks in the checkers, oldest first
+
+        def labelled(chunks):  # the key names a chunk in a checker's error: its first and last record
+            for items in chunks:
+                sent.append(items)
+                label = f"{items[0][0]['processid']!r}..{items[-1][0]['processid']!r}"
+                yield label, [data for _, data, _ in items if data is not None]
 
         if self._checkers is None:  # started once, for every split; ended with the build
             self._checkers = jpeg_check.CheckerProcesses(self._check_workers)
-        for (items, _), answers in self._checkers.map(map(keyed, chunks)):
+        for _, answers in self._checkers.map(labelled(chunks)):  # answers come in the order sent
+            items = sent.popleft()
             answers = iter(answers)
             for example, data, missing in items:
                 yield example, data, missing if data is None else next(answers)

@@ -41,3 +41,123 @@ def matmul_peak(n: int, reps: int, dtype) -> tuple[float, float]:
         f(a, b).block_until_ready()
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best, best
+
+
+#: CPU features that decide which matmul kernels the two stacks can use.
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16",
+             "amx_int8")
+
+
+def machine_info() -> dict:
+    """The machine line beside every ratio: CPU model and ISA flags, cores, load, the XLA flags in
+    force (``XLA_FLAGS``), versions of both stacks and torch's CPU kernel level."""
+    import platform
+
+    model, flags = platform.processor() or "?", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and model in ("?", "x86_64", ""):
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    info = dict(cpu_model=model, isa=[f for f in ISA_FLAGS if f in flags], cpu_count=os.cpu_count(),
+                load_avg=os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+                xla_flags=os.environ.get("XLA_FLAGS", ""))
+    try:
+        import jax
+        import jaxlib
+
+        info.update(jax_version=jax.__version__, jaxlib_version=jaxlib.__version__,
+                    jax_backend=jax.default_backend())
+    except ImportError:
+        pass
+    try:
+        import torch
+
+        info.update(torch_version=torch.__version__, torch_threads=torch.get_num_threads(),
+                    torch_cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                    torch_mkldnn=bool(torch.backends.mkldnn.is_available()))
+    except ImportError:
+        pass
+    return info
+
+
+def torch_matmul_peak(n: int, reps: int, dtype: str, device: str = "cpu") -> tuple[float, float]:
+    """Best-of-``reps`` FLOP/s of one ``n``x``n`` ``torch.mm`` (``dtype`` 'f32' or 'bf16'), and its time."""
+    import torch
+
+    dev = torch.device("cuda" if device == "gpu" else "cpu")
+    dt = torch.bfloat16 if dtype == "bf16" else torch.float32
+    g = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(dev, dt)
+    b = torch.randn(n, n, generator=g).to(dev, dt)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    torch.mm(a, b)
+    sync()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best, best
+
+
+def matmul_peaks(n: int, reps: int, device: str, with_torch: bool) -> dict:
+    """The matmul peak of both stacks, f32 and bf16, measured in this run (FLOP/s)."""
+    import jax.numpy as jnp
+
+    out = {"n": n}
+    for name, dt in (("f32", jnp.float32), ("bf16", jnp.bfloat16)):
+        out[f"jax_{name}"] = matmul_peak(n, reps, dt)[0]
+        if with_torch:
+            try:
+                out[f"torch_{name}"] = torch_matmul_peak(n, reps, name, device)[0]
+            except ImportError:
+                with_torch = False
+    return out
+
+
+def timed(fn) -> tuple[float, float]:
+    """``(wall seconds, process CPU seconds)`` of ``fn()`` (which blocks until its work is done)."""
+    c0, t0 = time.process_time(), time.perf_counter()
+    fn()
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def paired(steps: dict, pairs: int, warmup: int) -> dict:
+    """Runs the step functions (``name -> fn``, each one blocking step) interleaved: after
+    ``warmup`` steps of each, ``pairs`` rounds of one step each, the order alternating per round
+    so drift in the machine's speed falls on both alike. Returns ``name -> {'times', 'cpu'}``."""
+    for fn in steps.values():
+        for _ in range(warmup):
+            fn()
+    out = {name: {"times": [], "cpu": []} for name in steps}
+    names = list(steps)
+    for i in range(pairs):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            wall, cpu = timed(steps[name])
+            out[name]["times"].append(wall)
+            out[name]["cpu"].append(cpu)
+    return out
+
+
+def pair_ratios(ours: dict, theirs: dict) -> dict:
+    """Per-pair speedups of ours over theirs (their time / ours), wall and CPU: median, min, max."""
+    import statistics
+
+    def stats(key):
+        r = [t / o for o, t in zip(ours[key], theirs[key]) if o > 0]
+        return {"median": statistics.median(r), "min": min(r), "max": max(r), "all": r} if r else None
+
+    wall, cpu = stats("times"), stats("cpu")
+    return {"speedup": wall["median"] if wall else None, "speedup_pairs": wall,
+            "speedup_cpu_time": cpu["median"] if cpu else None, "speedup_cpu_time_pairs": cpu}

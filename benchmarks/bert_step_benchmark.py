@@ -28,19 +28,21 @@ import os
 import statistics
 import time
 
-from _common import configure_jax, emit, matmul_peak
+from _common import configure_jax, emit, machine_info, matmul_peak, matmul_peaks, paired, pair_ratios
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="4_4_4", help="KmerBert variant (tiny, paper, 4_4_4, 4_12_12, ...)")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--steps", type=int, default=5, help="timed steps (after warm-up)")
+    p.add_argument("--steps", type=int, default=5,
+                   help="timed steps of each side, interleaved in pairs (ours, torch; torch, ours; ...)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     p.add_argument("--dtype", choices=["f32", "bf16"], default="f32",
                    help="compute dtype (params stay f32); bf16 = torch.autocast on the PyTorch side")
-    p.add_argument("--peak-n", type=int, default=4096, help="size of the square matmul for the peak")
+    p.add_argument("--peak-n", type=int, default=2048, help="size of the square matmul for the peaks")
+    p.add_argument("--no-peaks", action="store_true", help="only the step dtype's JAX matmul peak")
     p.add_argument("--peak-reps", type=int, default=5)
     p.add_argument("--prng", default="threefry2x32", help="JAX PRNG implementation (threefry2x32, rbg, unsafe_rbg)")
     p.add_argument("--tf32", action="store_true",
@@ -80,7 +82,8 @@ def analytic_flops(cfg, batch):
     return 6 * matmul_params * tokens + 12 * L * batch * t * t * d
 
 
-def run_jax(args, cfg, data):
+def jax_step(args, cfg, data):
+    """Our step as a blocking ``fn()`` over state it keeps, and its compile facts."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -123,21 +126,18 @@ def run_jax(args, cfg, data):
             xla_flops = float(ca["flops"])
     except Exception:  # cost analysis is optional
         pass
-    for _ in range(args.warmup):
-        params, rest, opt_state, loss = compiled(params, rest, opt_state, ids, attn, labels, loss_mask)
-    jax.block_until_ready(loss)
-    times, cpu = [], []
-    for _ in range(args.steps):
-        c0 = time.process_time()
-        t0 = time.perf_counter()
-        params, rest, opt_state, loss = compiled(params, rest, opt_state, ids, attn, labels, loss_mask)
+    state = {"carry": (params, rest, opt_state), "loss": None}
+
+    def one():
+        p, r, o, loss = compiled(*state["carry"], ids, attn, labels, loss_mask)
+        state["carry"], state["loss"] = (p, r, o), loss
         jax.block_until_ready(loss)
-        times.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    return dict(times=times, cpu=cpu, compile_s=compile_s, xla_flops=xla_flops, loss=float(loss))
+
+    return one, dict(compile_s=compile_s, xla_flops=xla_flops, loss=lambda: float(state["loss"]))
 
 
-def run_torch(args, cfg, data):
+def torch_step(args, cfg, data):
+    """HF ``BertForTokenClassification`` + ``torch.optim.AdamW``, one blocking ``fn()`` a step."""
     import numpy as np
     import torch
     import transformers
@@ -162,8 +162,9 @@ def run_torch(args, cfg, data):
     attn_t = torch.tensor(attn.astype(np.int64), device=dev)
     labels_t = torch.tensor(np.where(loss_mask, labels, -100), dtype=torch.long, device=dev)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+    state = {"loss": None}
 
-    def step():
+    def one():
         opt.zero_grad(set_to_none=True)
         with autocast:
             logits = model(input_ids=ids_t, attention_mask=attn_t).logits
@@ -171,25 +172,12 @@ def run_torch(args, cfg, data):
                                                  ignore_index=-100)
         loss.backward()
         opt.step()
-        return loss
-
-    def sync():
         if dev.type == "cuda":
             torch.cuda.synchronize()
+        state["loss"] = loss
 
-    for _ in range(args.warmup):
-        loss = step()
-    sync()
-    times, cpu = [], []
-    for _ in range(args.steps):
-        c0 = time.process_time()
-        t0 = time.perf_counter()
-        loss = step()
-        sync()
-        times.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    return dict(times=times, cpu=cpu, loss=float(loss.item()), threads=torch.get_num_threads(),
-                attn=model.config._attn_implementation)
+    return one, dict(loss=lambda: float(state["loss"].item()), torch_threads=torch.get_num_threads(),
+                     attn_implementation=model.config._attn_implementation)
 
 
 def pick_flops(xla_flops, analytic):
@@ -225,7 +213,6 @@ def main(argv=None):
     jax = configure_jax(args.device, args.dtype, args.tf32)
     import jax.numpy as jnp
 
-
     jax.config.update("jax_default_prng_impl", args.prng)
     from bioscan_jax.models import kmer_bert as kb
 
@@ -236,35 +223,43 @@ def main(argv=None):
     common = dict(attention=args.attention, config=args.config, dtype=args.dtype, device=args.device, jax_device=device,
                   jax_version=jax.__version__, cpu_count=os.cpu_count(),
                   load_avg=os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
+    emit(benchmark="machine", **machine_info())
 
     peak_dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
     peak, peak_t = matmul_peak(args.peak_n, args.peak_reps, peak_dtype)
     emit(benchmark="matmul_peak", n=args.peak_n, seconds=peak_t, flops_per_s=peak, **common)
+    if not args.no_peaks:
+        emit(benchmark="matmul_peaks", **matmul_peaks(args.peak_n, args.peak_reps, args.device,
+                                                      with_torch=not args.no_torch))
 
-    analytic = analytic_flops(cfg, args.batch)
-    jax_step = torch_step = jax_cpu = torch_cpu = None
+    steps, facts = {}, {}
     if not args.no_jax:
-        r = run_jax(args, cfg, data)
-        jax_cpu = statistics.median(r["cpu"])
-        flops, src = pick_flops(r["xla_flops"], analytic)
-        jax_step = summarise("jax_nnx", r["times"], r["cpu"], cfg, args.batch, flops, src, peak,
-                             flops_analytic=analytic, flops_xla=r["xla_flops"],
-                             compile_s=r["compile_s"], loss=r["loss"], prng=args.prng, **common)
+        steps["jax_nnx"], facts["jax_nnx"] = jax_step(args, cfg, data)
     if not args.no_torch:
         try:
-            r = run_torch(args, cfg, data)
-            torch_cpu = statistics.median(r["cpu"])
+            steps["torch_hf"], facts["torch_hf"] = torch_step(args, cfg, data)
         except ImportError as e:
             emit(benchmark="bert_pretrain_step", impl="torch_hf", skipped=f"torch/transformers missing: {e}")
-        else:
-            torch_step = summarise("torch_hf", r["times"], r["cpu"], cfg, args.batch, analytic, "analytic", peak,
-                                   loss=r["loss"], torch_threads=r["threads"], attn_implementation=r["attn"],
-                                   **common)
-    if jax_step and torch_step:
+    timings = paired(steps, args.steps, args.warmup)
+
+    analytic = analytic_flops(cfg, args.batch)
+    if "jax_nnx" in timings:
+        f = facts["jax_nnx"]
+        flops, src = pick_flops(f["xla_flops"], analytic)
+        summarise("jax_nnx", timings["jax_nnx"]["times"], timings["jax_nnx"]["cpu"], cfg, args.batch, flops, src,
+                  peak, flops_analytic=analytic, flops_xla=f["xla_flops"], compile_s=f["compile_s"],
+                  loss=f["loss"](), prng=args.prng, **common)
+    if "torch_hf" in timings:
+        f = facts["torch_hf"]
+        summarise("torch_hf", timings["torch_hf"]["times"], timings["torch_hf"]["cpu"], cfg, args.batch, analytic,
+                  "analytic", peak, loss=f["loss"](), torch_threads=f["torch_threads"],
+                  attn_implementation=f["attn_implementation"], **common)
+    if len(timings) == 2:
+        ours, theirs = timings["jax_nnx"], timings["torch_hf"]
         emit(benchmark="bert_pretrain_step_comparison", config=args.config, batch=args.batch, dtype=args.dtype,
-             device=args.device, jax_step_s=jax_step, torch_step_s=torch_step, speedup=torch_step / jax_step,
-             jax_cpu_s=jax_cpu, torch_cpu_s=torch_cpu,
-             speedup_cpu_time=torch_cpu / jax_cpu if (jax_cpu and torch_cpu) else None)
+             device=args.device, pairs=args.steps, jax_step_s=statistics.median(ours["times"]),
+             torch_step_s=statistics.median(theirs["times"]), jax_cpu_s=statistics.median(ours["cpu"]),
+             torch_cpu_s=statistics.median(theirs["cpu"]), **pair_ratios(ours, theirs))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import os
 import statistics
 import time
 
-from _common import configure_jax, emit, matmul_peak
+from _common import configure_jax, emit, machine_info, matmul_peak, matmul_peaks, paired, pair_ratios
 
 
 def parse_args(argv=None):
@@ -27,11 +27,12 @@ def parse_args(argv=None):
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=5, help="timed steps of each side, interleaved in pairs")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     p.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
-    p.add_argument("--peak-n", type=int, default=4096)
+    p.add_argument("--peak-n", type=int, default=2048)
+    p.add_argument("--no-peaks", action="store_true", help="only the step dtype's JAX matmul peak")
     p.add_argument("--tf32", action="store_true",
                    help="GPU f32 only: allow TF32 matmuls on both sides (default: full f32 on both)")
     p.add_argument("--attention", default="einsum", choices=["einsum", "xla", "cudnn"],
@@ -50,7 +51,8 @@ def analytic_flops(cfg, batch):
     return 6 * params * batch * n + 12 * L * batch * n * n * d
 
 
-def run_jax(args, cfg, images, labels):
+def jax_step(args, cfg, images, labels):
+    """Our forward+backward as a blocking ``fn()``, and its compile facts."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -79,19 +81,15 @@ def run_jax(args, cfg, images, labels):
         flops = float(ca["flops"]) if ca and ca.get("flops", 0) > 0 else None
     except Exception:
         pass
-    for _ in range(args.warmup):
+
+    def one():
         jax.block_until_ready(compiled(params, rest, images, labels))
-    times, cpu = [], []
-    for _ in range(args.steps):
-        c0 = time.process_time()
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(params, rest, images, labels))
-        times.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    return times, cpu, flops, compile_s
+
+    return one, dict(xla_flops=flops, compile_s=compile_s)
 
 
-def run_torch(args, cfg, images, labels):
+def torch_step(args, cfg, images, labels):
+    """HF ``ViTForImageClassification`` forward+backward as a blocking ``fn()``."""
     import torch
     import transformers
 
@@ -110,30 +108,16 @@ def run_torch(args, cfg, images, labels):
     y = torch.tensor(labels, dtype=torch.long, device=dev)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
 
-    def step():
+    def one():
         model.zero_grad(set_to_none=True)
         with autocast:
             logits = model(pixel_values=x).logits
         loss = torch.nn.functional.cross_entropy(logits.float(), y)
         loss.backward()
-        return loss
-
-    def sync():
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    for _ in range(args.warmup):
-        step()
-    sync()
-    times, cpu = [], []
-    for _ in range(args.steps):
-        c0 = time.process_time()
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    return times, cpu, model.config._attn_implementation
+    return one, dict(attn_implementation=model.config._attn_implementation)
 
 
 def main(argv=None):
@@ -153,32 +137,43 @@ def main(argv=None):
     common = dict(attention=args.attention, variant=args.variant, batch=args.batch, image_size=cfg.image_size, dtype=args.dtype,
                   device=args.device, jax_device=jax.devices()[0].device_kind, cpu_count=os.cpu_count(),
                   load_avg=os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
+    emit(benchmark="machine", **machine_info())
     peak, _ = matmul_peak(args.peak_n, 5, jnp.bfloat16 if args.dtype == "bf16" else jnp.float32)
     emit(benchmark="matmul_peak", n=args.peak_n, flops_per_s=peak, **common)
+    if not args.no_peaks:
+        emit(benchmark="matmul_peaks", **matmul_peaks(args.peak_n, 5, args.device, with_torch=not args.no_torch))
     analytic = analytic_flops(cfg, args.batch)
-    jax_s = torch_s = jax_cpu = torch_cpu = None
+    steps, facts = {}, {}
     if not args.no_jax:
-        times, cpu, flops, compile_s = run_jax(args, cfg, images, labels)
-        jax_s, jax_cpu = statistics.median(times), statistics.median(cpu)
-        f, src = (flops, "xla") if (flops and flops >= 0.5 * analytic) else (analytic, "analytic")
-        emit(benchmark="vit_fwd_bwd", impl="jax_nnx", step_s=jax_s, step_s_all=times, cpu_s_per_step=jax_cpu,
-             images_per_s=args.batch / jax_s, flops_per_step=f, flops_source=src, flops_analytic=analytic,
-             flops_per_s=f / jax_s, fraction_of_matmul_peak=f / jax_s / peak, compile_s=compile_s, **common)
+        steps["jax_nnx"], facts["jax_nnx"] = jax_step(args, cfg, images, labels)
     if not args.no_torch:
         try:
-            times, cpu, attn = run_torch(args, cfg, images, labels)
+            steps["torch_hf"], facts["torch_hf"] = torch_step(args, cfg, images, labels)
         except ImportError as e:
             emit(benchmark="vit_fwd_bwd", impl="torch_hf", skipped=f"torch/transformers missing: {e}")
-        else:
-            torch_s, torch_cpu = statistics.median(times), statistics.median(cpu)
-            emit(benchmark="vit_fwd_bwd", impl="torch_hf", step_s=torch_s, step_s_all=times, cpu_s_per_step=torch_cpu,
-                 images_per_s=args.batch / torch_s, flops_per_step=analytic, flops_source="analytic",
-                 flops_per_s=analytic / torch_s, fraction_of_matmul_peak=analytic / torch_s / peak,
-                 attn_implementation=attn, **common)
-    if jax_s and torch_s:
+    timings = paired(steps, args.steps, args.warmup)
+    if "jax_nnx" in timings:
+        times, cpu, f = timings["jax_nnx"]["times"], timings["jax_nnx"]["cpu"], facts["jax_nnx"]
+        jax_s = statistics.median(times)
+        flops, src = ((f["xla_flops"], "xla") if (f["xla_flops"] and f["xla_flops"] >= 0.5 * analytic)
+                      else (analytic, "analytic"))
+        emit(benchmark="vit_fwd_bwd", impl="jax_nnx", step_s=jax_s, step_s_all=times,
+             cpu_s_per_step=statistics.median(cpu), images_per_s=args.batch / jax_s, flops_per_step=flops,
+             flops_source=src, flops_analytic=analytic, flops_per_s=flops / jax_s,
+             fraction_of_matmul_peak=flops / jax_s / peak, compile_s=f["compile_s"], **common)
+    if "torch_hf" in timings:
+        times, cpu = timings["torch_hf"]["times"], timings["torch_hf"]["cpu"]
+        torch_s = statistics.median(times)
+        emit(benchmark="vit_fwd_bwd", impl="torch_hf", step_s=torch_s, step_s_all=times,
+             cpu_s_per_step=statistics.median(cpu), images_per_s=args.batch / torch_s, flops_per_step=analytic,
+             flops_source="analytic", flops_per_s=analytic / torch_s, fraction_of_matmul_peak=analytic / torch_s / peak,
+             attn_implementation=facts["torch_hf"]["attn_implementation"], **common)
+    if len(timings) == 2:
+        ours, theirs = timings["jax_nnx"], timings["torch_hf"]
         emit(benchmark="vit_fwd_bwd_comparison", variant=args.variant, batch=args.batch, dtype=args.dtype,
-             device=args.device, jax_step_s=jax_s, torch_step_s=torch_s, speedup=torch_s / jax_s,
-             jax_cpu_s=jax_cpu, torch_cpu_s=torch_cpu, speedup_cpu_time=torch_cpu / jax_cpu)
+             device=args.device, pairs=args.steps, jax_step_s=statistics.median(ours["times"]),
+             torch_step_s=statistics.median(theirs["times"]), jax_cpu_s=statistics.median(ours["cpu"]),
+             torch_cpu_s=statistics.median(theirs["cpu"]), **pair_ratios(ours, theirs))
 
 
 if __name__ == "__main__":

@@ -37,3 +37,10 @@ def to_dict(section: Any) -> Any:
 def overrides(section: Mapping[str, Any] | None) -> dict[str, Any]:
     """A model section's ``overrides`` (field -> value) as a plain dict (``{}`` if unset)."""
     return dict(to_dict(get(section, "overrides", {})))
+
+
+def name_list(value: Any) -> tuple[str, ...]:
+    """A config field that lists names, as a comma-separated string (``"train,key_unseen"``, the
+    form ``--config.x=...`` gives) or a sequence, as a tuple without blanks."""
+    items = value.split(",") if isinstance(value, str) else (value or ())
+    return tuple(s.strip() for s in items if str(s).strip())

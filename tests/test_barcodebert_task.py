@@ -133,6 +133,35 @@ def test_bold_export_runs_pretraining_finetuning_and_probes(tmp_path, real_barco
     assert 0.0 <= probes["kmer_baseline"]["accuracy"] <= 1.0 and 0.0 <= summary["finetune"]["accuracy"] <= 1.0
 
 
+def test_bold_import_says_why_pretraining_reports_no_validation_loss(tmp_path, real_barcodes_path, monkeypatch,
+                                                                    caplog):
+    """A BOLD import has no validation split: the pretraining stage says so in the log (no
+    training here: the stage itself is replaced by one that stops the run)."""
+    import logging
+
+    import pandas as pd
+
+    from bioscan_jax.train import stages
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, evaluators=(), **kwargs):
+        assert tuple(evaluators) == ()
+        raise Stop
+
+    frame = pd.read_csv(real_barcodes_path, sep="\t", dtype=str)
+    small = frame[frame["species_name"].isin(sorted(frame["species_name"].unique())[:12])]
+    path = tmp_path / "export.tsv"
+    small.groupby("species_name").head(12).to_csv(path, sep="\t", index=False)
+    config = small_config(tmp_path, stages="pretrain")
+    config.data.source, config.data.path = "bold", str(path)
+    monkeypatch.setattr(stages, "pretrain_mlm", stop)
+    with caplog.at_level(logging.INFO, logger="bioscan_jax.tasks.barcodebert"), pytest.raises(Stop):
+        tasks.run(config, str(tmp_path / "work"))
+    assert "pretraining reports no validation loss: a BOLD import has no validation split" in caplog.text
+
+
 def test_finetuning_batch_larger_than_its_split_fails_before_pretraining(tmp_path):
     config = small_config(tmp_path)
     config.finetune.train.batch_size = 100_000

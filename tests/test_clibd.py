@@ -180,6 +180,36 @@ def test_run_writes_report_with_all_pairs_ranks_and_both_settings(tiny_run, caps
     assert "No alignment" in open(os.path.join(workdir, "retrieval.md")).read()
 
 
+def test_validation_retrieval_is_logged_during_training_and_never_on_test(tiny_run):
+    from bioscan_jax.eval import clibd_eval
+    from bioscan_jax.train import clibd as clibd_train
+    from bioscan_jax.train.metrics import read_metrics
+
+    config, workdir, summary = tiny_run
+    val = [r for r in read_metrics(os.path.join(workdir, "train")) if "val/dna_to_dna/species_macro_top1_hm" in r]
+    assert [r["step"] for r in val] == [summary["train"]["steps"]]  # the last step (eval_every=0, < 1 epoch)
+    for pair in ("dna_to_dna", "image_to_image", "image_to_dna"):
+        for which in ("seen", "unseen", "hm"):
+            assert 0.0 <= val[0][f"val/{pair}/species_macro_top1_{which}"] <= 1.0
+    assert os.path.exists(os.path.join(workdir, "training_curves.png"))
+
+    # The evaluator reports what evaluate() gives on val / val_unseen for the same model.
+    setup = clibd_train.prepare(config, workdir)
+    model = clibd_train.load_towers(workdir)
+    batches = clibd_eval.EvalBatches(config, setup, clibd_eval.evaluated_splits(config, "val_query_splits"),
+                                     tuple(config.eval.ranks))
+    direct = clibd_eval.evaluate(config, model, setup, batches, queries="val_query_splits")
+    logged = clibd_eval.ValRetrieval(config, setup, batches).run(model, 0)
+    assert logged["val/dna_to_dna/species_macro_top1_unseen"] == pytest.approx(
+        direct["dna_to_dna"]["report"]["species"]["macro_top1"]["unseen"])
+    assert set(direct["excluded"]) == {"train", "key_unseen", "val", "val_unseen"}
+
+    bad = config.copy_and_resolve_references()
+    bad.eval.val_query_splits = ("val", "test_unseen")
+    with pytest.raises(ValueError, match="test split"):
+        clibd_eval.ValRetrieval(bad, setup, batches)
+
+
 def test_no_alignment_flag_and_load_towers(tiny_run):
     from bioscan_jax.tasks import clibd
     from bioscan_jax.train import clibd as clibd_train
@@ -199,7 +229,7 @@ def test_no_alignment_flag_and_load_towers(tiny_run):
 
 
 def test_bad_records_are_counted_and_empty_keys_named(tiny_run):
-    from bioscan_jax.tasks import clibd
+    from bioscan_jax.eval import clibd_eval
     from bioscan_jax.train import clibd as clibd_train
 
     config, workdir, _ = tiny_run
@@ -210,7 +240,7 @@ def test_bad_records_are_counted_and_empty_keys_named(tiny_run):
     splits["train"][0]["dna_barcode"] = ""
     setup.data = sources.Splits(splits, setup.data.label_names, "hand-made")
     model = towers.ClibdModel(setup.model_config, rngs=nnx.Rngs(0))
-    results = clibd.evaluate(config, model, setup)
+    results = clibd_eval.evaluate(config, model, setup)
     assert results["excluded"]["test"]["n_image_failed"] == 1
     assert results["excluded"]["test"]["n_without_dna"] == 1
     assert results["excluded"]["train"]["n_without_dna"] == 1
@@ -221,7 +251,7 @@ def test_bad_records_are_counted_and_empty_keys_named(tiny_run):
 
     setup.data = sources.Splits({**splits, "key_unseen": []}, setup.data.label_names, "hand-made")
     with pytest.raises(ValueError, match="key_unseen"):
-        clibd.evaluate(config, model, setup)
+        clibd_eval.evaluate(config, model, setup)
 
 
 def test_training_records_without_dna_are_left_out_and_counted():

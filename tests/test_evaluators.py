@@ -187,7 +187,7 @@ def best_val_run(tmp_path_factory):
 
 
 def test_finetune_logs_val_accuracy_per_epoch_and_plots_it(best_val_run):
-    from bioscan_jax.tasks import barcodebert as bb
+    from bioscan_jax.train import curves
 
     config, workdir, summary = best_val_run
     stage_dir = os.path.join(workdir, "finetune")
@@ -197,7 +197,7 @@ def test_finetune_logs_val_accuracy_per_epoch_and_plots_it(best_val_run):
     assert all(0.0 <= v <= 1.0 for _, v in val)
     assert summary["finetune"]["val"]["split"] == "val"
     assert summary["finetune"]["val"]["records"] == summary["split_sizes"]["val"]["used"]
-    steps, values = bb.stage_curves(stage_dir)["val accuracy"]
+    steps, values = curves.stage_curves(stage_dir)["val accuracy"]
     assert list(zip(steps, values)) == val
     assert os.path.exists(os.path.join(workdir, "training_curves.png"))
     assert "Fine-tuned species accuracy (val, best-val epoch)" in open(os.path.join(workdir, "summary.md")).read()
@@ -207,6 +207,7 @@ def _accuracy_of(config, params):
     """The test accuracy of a fresh classifier holding ``params``."""
     from bioscan_jax import sharding
     from bioscan_jax.data import dna
+    from bioscan_jax.eval import dna_probes
     from bioscan_jax.models import kmer_bert, towers
     from bioscan_jax.tasks import barcodebert as bb
 
@@ -217,7 +218,7 @@ def _accuracy_of(config, params):
     towers.load_params(model, params, "test parameters")
     tokenizer = dna.KmerTokenizer(model_cfg.k, max_nucleotides=config.data.max_nucleotides,
                                   strip_trailing_n=bool(config.data.strip_trailing_n))
-    return bb.finetune_accuracy(config, model, data, tokenizer, sharding.make_mesh(config.mesh))["accuracy"]
+    return dna_probes.finetune_accuracy(config, model, data, tokenizer, sharding.make_mesh(config.mesh))["accuracy"]
 
 
 def test_best_val_reports_the_test_accuracy_of_the_best_val_epoch(best_val_run):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from bioscan_jax.eval import embedding_cache, zsc_encoders, zsc_eval
 from bioscan_jax.models import kmer_bert, vit
 from bioscan_jax.tasks import zsc
 from configs import zsc as zsc_configs
@@ -61,15 +62,15 @@ def test_config_variants():
     assert tiny.data.builder_config == "synthetic" and tiny.data.split == "test+test_unseen"
     assert (tiny.cluster.reduction, tiny.cluster.n_components, tiny.cluster.n_neighbors,
             tiny.cluster.min_dist) == ("umap", 50, 30, 0.0)
-    specs = zsc.parse_specs(tiny.encoders, tiny.models)
+    specs = zsc_encoders.parse_specs(tiny.encoders, tiny.models)
     assert {s.modality for s in specs} == {"dna", "image", "image+dna"}
     assert {tiny.models[n].weights for s in specs for n in s.models} >= {"pretrain", "random", "clibd"}
     for name in tiny.models:
-        zsc.check_model_config(name, tiny.models[name])
+        zsc_encoders.check_model_config(name, tiny.models[name])
 
     paper = zsc_configs.get_config("paper")
     assert paper.variant == "paper" and paper.data.builder_config == "cropped_256"
-    specs = zsc.parse_specs(paper.encoders, paper.models)
+    specs = zsc_encoders.parse_specs(paper.encoders, paper.models)
     assert [s.name for s in specs] == ["dna:barcodebert", "image:vit_b16", "image+dna:vit_b16+barcodebert"]
     assert paper.models.vit_b16.normalize == "imagenet" and paper.models.vit_b16.variant == "B/16"
     assert paper.models.vit_b16.image_size == 224
@@ -94,19 +95,19 @@ def test_config_variants():
 def test_bad_encoder_spec(encoders, match):
     c = zsc_configs.get_config()
     with pytest.raises(ValueError, match=match):
-        zsc.parse_specs(encoders, c.models)
+        zsc_encoders.parse_specs(encoders, c.models)
 
 
 def test_spec_order_and_bad_model_entries():
     c = zsc_configs.get_config()
-    (spec,) = zsc.parse_specs("image+dna:barcodebert_random+vit_random", c.models)
+    (spec,) = zsc_encoders.parse_specs("image+dna:barcodebert_random+vit_random", c.models)
     assert spec.models == ("vit_random", "barcodebert_random")  # image first, then DNA
     with pytest.raises(ValueError, match="not available for image"):
-        zsc.check_model_config("x", zsc_configs.model("image", "pretrain"))
+        zsc_encoders.check_model_config("x", zsc_configs.model("image", "pretrain"))
     with pytest.raises(ValueError, match="needs config.models.x.path"):
-        zsc.check_model_config("x", zsc_configs.model("image", "timm"))
+        zsc_encoders.check_model_config("x", zsc_configs.model("image", "timm"))
     with pytest.raises(ValueError, match="normalize"):
-        zsc.check_model_config("x", zsc_configs.model("image", "random", normalize="zscore"))
+        zsc_encoders.check_model_config("x", zsc_configs.model("image", "random", normalize="zscore"))
 
 
 @pytest.mark.parametrize("stride", [0, 1])
@@ -116,11 +117,12 @@ def test_kmer_profile_encoder_equals_numpy_counts(stride):
 
     c = zsc_configs.get_config()
     m = zsc_configs.model("dna", "kmer", k=3, stride=stride)
-    zsc.check_model_config("kmer", m)
-    encoder = zsc.build_encoder("kmer", _with_model(c, "kmer", m), "", {})
+    zsc_encoders.check_model_config("kmer", m)
+    encoder = zsc_encoders.build_encoder("kmer", _with_model(c, "kmer", m), _no_training)
     seqs = ["ACGTACGTTGCANNACGT", "TTTTGGGGCCCCAAAANN", "ACGNNNNNNNNNNNNNNNNNNNN"]
-    source = [{"processid": f"p{i}", "dna_barcode": s, **{r: 0 for r in zsc.RANKS}} for i, s in enumerate(seqs)]
-    out = zsc.embed_model(encoder, source, c, mesh_lib.make_mesh(c.mesh))
+    source = [{"processid": f"p{i}", "dna_barcode": s, **{r: 0 for r in zsc_encoders.RANKS}}
+              for i, s in enumerate(seqs)]
+    out = embedding_cache.embed_model(encoder, source, c, mesh_lib.make_mesh(c.mesh))
     ids, _ = dna_lib.KmerTokenizer(3, stride=stride or 3, strip_trailing_n=True)(seqs)
     counts = dna_lib.kmer_counts(ids, 3, dtype=np.float64)
     expected = counts / np.maximum(counts.sum(1, keepdims=True), 1)
@@ -133,6 +135,10 @@ def _with_model(c, name, m):
     return c
 
 
+def _no_training(kind):
+    raise AssertionError(f"this encoder needs no trained ({kind}) weights")
+
+
 def test_reading_frames_average_the_embeddings_of_each_frame():
     from bioscan_jax.data import dna as dna_lib
     from bioscan_jax.models import kmer_bert
@@ -140,12 +146,13 @@ def test_reading_frames_average_the_embeddings_of_each_frame():
 
     c = zsc_configs.get_config()
     m = zsc_configs.model("dna", "random", variant="tiny", overrides={"num_layers": 1}, frames=4)
-    zsc.check_model_config("framed", m)
-    encoder = zsc.build_encoder("framed", _with_model(c, "framed", m), "", {})
+    zsc_encoders.check_model_config("framed", m)
+    encoder = zsc_encoders.build_encoder("framed", _with_model(c, "framed", m), _no_training)
     rng = np.random.default_rng(0)
     seqs = ["".join(rng.choice(list("ACGT"), size=n)) for n in (40, 57, 90)]
-    source = [{"processid": f"p{i}", "dna_barcode": s, **{r: 0 for r in zsc.RANKS}} for i, s in enumerate(seqs)]
-    out = zsc.embed_model(encoder, source, c, mesh_lib.make_mesh(c.mesh))
+    source = [{"processid": f"p{i}", "dna_barcode": s, **{r: 0 for r in zsc_encoders.RANKS}}
+              for i, s in enumerate(seqs)]
+    out = embedding_cache.embed_model(encoder, source, c, mesh_lib.make_mesh(c.mesh))
     tok = dna_lib.KmerTokenizer(4, strip_trailing_n=True)
     per_frame = []
     for f in range(4):
@@ -154,26 +161,26 @@ def test_reading_frames_average_the_embeddings_of_each_frame():
     np.testing.assert_allclose(out["embedding"], np.mean(per_frame, axis=0), rtol=1e-5, atol=1e-5)
     assert not np.allclose(per_frame[0], per_frame[1], atol=1e-3)  # the frames really differ
     with pytest.raises(ValueError, match="reading frames"):
-        zsc.check_model_config("x", zsc_configs.model("dna", "kmer", frames=4))
+        zsc_encoders.check_model_config("x", zsc_configs.model("dna", "kmer", frames=4))
 
 
 def test_kmer_encoder_rejects_bad_k():
     with pytest.raises(ValueError, match="1 <= k <= 8"):
-        zsc.check_model_config("x", zsc_configs.model("dna", "kmer", k=9))
+        zsc_encoders.check_model_config("x", zsc_configs.model("dna", "kmer", k=9))
     with pytest.raises(ValueError, match="stride"):
-        zsc.check_model_config("x", zsc_configs.model("dna", "kmer", k=4, stride=5))
+        zsc_encoders.check_model_config("x", zsc_configs.model("dna", "kmer", k=4, stride=5))
 
 
 def test_data_errors():
     c = zsc_configs.get_config()
     one_species = {"species": np.zeros(80, np.int64)}
     with pytest.raises(ValueError, match="at least two species"):
-        zsc.check_clusterable(one_species, "test", c)
+        zsc_eval.check_clusterable(one_species, "test", c)
     few = {"species": np.arange(40) % 10}
     with pytest.raises(ValueError, match="UMAP to 50 dims needs more than 51"):
-        zsc.check_clusterable(few, "test", c)
+        zsc_eval.check_clusterable(few, "test", c)
     c.cluster.reduction = "pca"
-    assert zsc.check_clusterable(few, "test", c) == 10
+    assert zsc_eval.check_clusterable(few, "test", c) == 10
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -187,7 +194,7 @@ def test_end_to_end(first_run):
     assert set(saved["results"]) == set(ALL_SPECS.split(","))
     for name, res in saved["results"].items():
         assert "error" not in res, res
-        for rank in zsc.RANKS:
+        for rank in zsc_encoders.RANKS:
             assert -1.0 <= res[f"ami/{rank}"] <= 1.0, (name, rank)
         assert res["n_clusters"] == saved["n_species"]
     fused = saved["results"]["image+dna:vit_random+barcodebert_pretrained"]
@@ -197,7 +204,7 @@ def test_end_to_end(first_run):
         assert not info["reused"]
         with np.load(info["path"]) as f:
             assert f["embedding"].shape == (saved["n_records"], info["dim"])
-            assert set(zsc.RANKS) <= set(f.files) and "processid" in f.files
+            assert set(zsc_encoders.RANKS) <= set(f.files) and "processid" in f.files
     assert os.path.exists(os.path.join(workdir, "plots", "ami_by_rank.png"))
     table = open(os.path.join(workdir, "zsc.md")).read()
     assert "AMI Species" in table and "vit_clibd" in table
@@ -230,7 +237,7 @@ def test_nan_embeddings_reported_per_encoder(first_run, tmp_path):
     workdir, _ = first_run
     copy = str(tmp_path / "nan")
     shutil.copytree(workdir, copy)
-    path = zsc.embedding_path(copy, "test+test_unseen", "vit_random")
+    path = embedding_cache.embedding_path(copy, "test+test_unseen", "vit_random")
     with np.load(path) as f:
         arrays = {k: f[k] for k in f.files}
     arrays["embedding"][[1, 5, 7]] = np.nan
@@ -276,12 +283,12 @@ def test_imported_vit_weights(tmp_path):
         save_file(export(src), path)
         m = zsc_configs.model("image", weights, variant="Ti/16", overrides=dict(num_layers=1), path=path,
                               image_size=32, layer_norm_eps=1e-12)
-        zsc.check_model_config("imported", m)
-        enc = zsc.image_encoder("imported", m, seed=0)
+        zsc_encoders.check_model_config("imported", m)
+        enc = zsc_encoders.image_encoder("imported", m, seed=0)
         np.testing.assert_allclose(np.asarray(enc.model(images)[0]), want, rtol=1e-5, atol=1e-5)
-        assert zsc._vit_config(zsc_configs.model("image", weights, variant="Ti/16")).layer_norm_eps == eps
+        assert zsc_encoders._vit_config(zsc_configs.model("image", weights, variant="Ti/16")).layer_norm_eps == eps
     # ImageNet normalisation happens inside the embedding function.
-    norm = zsc.vit_embed_fn("imagenet")
+    norm = zsc_encoders.vit_embed_fn("imagenet")
     x = np.full((1, 32, 32, 3), 0.485, np.float32)
     np.testing.assert_allclose(np.asarray(norm(lambda v: (v, {}), {"image": x}))[..., 0], 0.0, atol=1e-6)
 
@@ -296,7 +303,7 @@ def test_imported_barcodebert_weights(tmp_path):
     save_file(hf_bert.export_hf_bert(src), path)
     c = zsc_configs.get_config()
     m = zsc_configs.model("dna", "hf", variant="tiny", path=path)
-    enc = zsc.dna_encoder("imported", m, c, str(tmp_path))
+    enc = zsc_encoders.dna_encoder("imported", m, c, _no_training)
     ids = np.random.default_rng(0).integers(2, 258, size=(2, 20)).astype(np.int32)
     mask = np.ones((2, 20), bool)
     src.eval()

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from bioscan_jax import config_access
 from bioscan_jax.data import schema
 from bioscan_jax.data.schema import FIRST_OF_BARCODE
 
@@ -135,6 +136,19 @@ def pretrain_split(data: Any, split: str | None = None) -> str:
     if data.source not in AUTO_PRETRAIN_SPLITS:
         raise ValueError(f"unknown config.data.source {data.source!r}; valid: 'tfds', 'bold'")
     return AUTO_PRETRAIN_SPLITS[data.source]
+
+
+def retrieval_splits(section: Any, queries: str = "query_splits") -> tuple[tuple[str, ...], tuple[str, str]]:
+    """``(key splits, (seen query split, unseen query split))`` of a retrieval evaluation section
+    (CLIBD's ``config.eval``: ``key_splits`` and ``query_splits``, or another pair of query
+    splits such as ``val_query_splits``)."""
+    keys = config_access.name_list(section.key_splits)
+    pair = config_access.name_list(section[queries])
+    if len(pair) != 2:
+        raise ValueError(f"config.eval.{queries} must name (seen, unseen) splits, got {pair}")
+    if not keys:
+        raise ValueError("config.eval.key_splits is empty")
+    return keys, (pair[0], pair[1])
 
 
 def _open_tfds(data: Any, splits: Sequence[str], features, seed: int) -> Splits:

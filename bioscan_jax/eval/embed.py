@@ -3,6 +3,7 @@ each process feeding its own shard, results gathered on every process in source 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping
 
 import jax
@@ -32,6 +33,17 @@ def pad_batch(batch: Mapping[str, np.ndarray], size: int) -> tuple[dict[str, np.
         pad = np.repeat(v[:1], size - n, axis=0)
         out[k] = np.concatenate([v, pad], axis=0)
     return out, n
+
+
+@functools.lru_cache(maxsize=8)  # an entry holds embed_fn (and what it refers to)
+def _jitted_forward(graphdef, embed_fn: EmbedFn, out_sharding):
+    """The jitted ``embed_fn`` of one model structure: the same model definition and function
+    (evaluators call :func:`embed_batches` at every epoch) reuse one compiled program."""
+
+    def forward(state, batch):
+        return embed_fn(nnx.merge(graphdef, state), batch).astype(jnp.float32)
+
+    return jax.jit(forward, out_shardings=out_sharding)
 
 
 def embed_batches(
@@ -76,10 +88,7 @@ def embed_batches(
     graphdef, state = nnx.split(model)
     state = mesh_lib.replicate(state, mesh)
 
-    def forward(state, batch):
-        return embed_fn(nnx.merge(graphdef, state), batch).astype(jnp.float32)
-
-    forward = jax.jit(forward, out_shardings=mesh_lib.batch_sharding(mesh))
+    forward = _jitted_forward(graphdef, embed_fn, mesh_lib.batch_sharding(mesh))
     columns = tuple(dict.fromkeys((*keep, *order_by)))
     chunks: list[np.ndarray] = []
     kept: dict[str, list[np.ndarray]] = {k: [] for k in columns}

@@ -9,12 +9,14 @@ are accepted as well.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from bioscan_jax.data.schema import EVAL_RANKS
+from bioscan_jax.eval.retrieval import pair_names
 
 #: Column order of the paper's figure.
 PAPER_PAIRS: tuple[str, ...] = ("dna_to_dna", "image_to_image", "image_to_dna")
@@ -134,3 +136,44 @@ def bar_chart(
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=120)
     return os.fspath(path)
+
+
+def report_tables(by_setting: Mapping[str, Mapping[str, Any]], ranks: Sequence[str]) -> str:
+    """The paper-style tables: species top-1 macro (default view), then every rank (macro, micro)."""
+    pairs = [p for p in PAPER_PAIRS if any(p in r for r in by_setting.values())]
+    pairs += sorted({p for r in by_setting.values() for p in pair_names(r)} - set(pairs))
+    species = "species" if "species" in ranks else ranks[-1]
+    parts = [f"CLIBD retrieval, {species} (seen / unseen / harmonic mean)",
+             format_table(by_setting, ranks=(species,), pairs=pairs)]
+    if len(ranks) > 1:
+        parts += ["", "Per rank", format_table(by_setting, ranks=ranks, pairs=pairs)]
+        parts += ["", "Per rank, micro", format_table(by_setting, ranks=ranks, pairs=pairs, metric="micro_top1")]
+    return "\n".join(parts)
+
+
+def exclusion_note(results: Mapping[str, Any]) -> str:
+    """The records left out of the metrics, per split (``results['excluded']``), or ``''``."""
+    lines = []
+    for split, ex in results.get("excluded", {}).items():
+        bad = {k: v for k, v in ex.items() if k != "n_records" and v}
+        if bad:
+            lines.append(f"  {split} ({ex['n_records']} records): " + ", ".join(f"{k}={v}" for k, v in bad.items()))
+    return ("Left out of the affected metrics:\n" + "\n".join(lines)) if lines else ""
+
+
+def write_report(workdir: str, by_setting: Mapping[str, Mapping[str, Any]], ranks: Sequence[str],
+                 extra: Mapping[str, Any]) -> str:
+    """Writes ``retrieval.json``, ``retrieval.md`` and ``retrieval_<rank>.png``; returns the text."""
+    text = report_tables(by_setting, ranks)
+    note = exclusion_note(next(iter(by_setting.values()))) if by_setting else ""
+    if note:
+        text += "\n\n" + note
+    with open(os.path.join(workdir, "retrieval.json"), "w") as f:
+        json.dump({"settings": by_setting, **extra}, f, indent=1, default=float)
+    with open(os.path.join(workdir, "retrieval.md"), "w") as f:
+        f.write(text + "\n")
+    pairs = [p for p in PAPER_PAIRS if any(p in r for r in by_setting.values())]
+    for rank in ranks:
+        bar_chart(by_setting, os.path.join(workdir, f"retrieval_{rank}.png"), ranks=(rank,), pairs=pairs)
+    bar_chart(by_setting, os.path.join(workdir, "retrieval_all_ranks.png"), ranks=ranks, pairs=pairs)
+    return text

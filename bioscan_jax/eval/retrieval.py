@@ -293,3 +293,9 @@ def embed_batches(
     if not out:
         raise ValueError("embed_batches: no batches")
     return np.concatenate(out, axis=0)
+
+
+def pair_names(results: Mapping[str, Any]) -> list[str]:
+    """The retrieval pairs of a :func:`clibd_retrieval` result (``'dna_to_dna'``, ...), without
+    its bookkeeping entries (``skipped_pairs``, and ``excluded`` added by the CLIBD evaluation)."""
+    return [p for p in results if p not in ("skipped_pairs", "excluded")]

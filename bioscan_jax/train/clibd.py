@@ -90,23 +90,6 @@ def model_config(config, *, text_vocab_size: int | None = None) -> towers.ClibdC
 # ============================================================================= data
 
 
-def split_list(value) -> tuple[str, ...]:
-    if isinstance(value, str):
-        return tuple(s.strip() for s in value.split(",") if s.strip())
-    return tuple(value)
-
-
-def eval_splits(config) -> tuple[tuple[str, ...], tuple[str, str]]:
-    """``(key splits, (seen query split, unseen query split))`` from ``config.eval``."""
-    keys = split_list(config.eval.key_splits)
-    queries = split_list(config.eval.query_splits)
-    if len(queries) != 2:
-        raise ValueError(f"config.eval.query_splits must name (seen, unseen) splits, got {queries}")
-    if not keys:
-        raise ValueError("config.eval.key_splits is empty")
-    return keys, (queries[0], queries[1])
-
-
 def _column(source: Sequence[Mapping[str, Any]], name: str) -> list[Any]:
     select = getattr(source, "select", None)
     view = select([name]) if select else source
@@ -169,9 +152,11 @@ class ClibdSetup:
 
 def prepare(config, workdir: str | None = None, *, splits: Sequence[str] | None = None) -> ClibdSetup:
     """Opens the data and builds the tokenizer, vocabulary and model config (saves the vocab)."""
-    keys, queries = eval_splits(config)
+    keys, queries = sources.retrieval_splits(config.eval)
+    val_queries = config_access.name_list(config_access.get(config.eval, "val_query_splits", ()))
     d = config.data
-    wanted = list(dict.fromkeys(splits if splits is not None else (d.train_split, d.vocab_split, *keys, *queries)))
+    wanted = list(dict.fromkeys(splits if splits is not None
+                                else (d.train_split, d.vocab_split, *keys, *queries, *val_queries)))
     data = sources.open_splits(d, wanted, features=FEATURES, seed=config.seed)
     mods = enabled_modalities(config)
     train_source, n_without_dna = None, 0
@@ -385,10 +370,13 @@ def run_identity(config, setup: ClibdSetup, pretrained: Mapping[str, Any]) -> di
 
 
 def train_clibd(config, workdir: str, *, setup: ClibdSetup | None = None,
-                pretrained: Mapping[str, Any] | None = None) -> tuple[towers.ClibdModel, dict[str, Any]]:
+                pretrained: Mapping[str, Any] | None = None,
+                evaluators: Sequence[loop.Evaluator] = ()) -> tuple[towers.ClibdModel, dict[str, Any]]:
     """Contrastive training of the CLIBD towers (resumes from ``workdir/train/checkpoints``).
 
-    Returns ``(trained model, summary)``; the summary holds the step count, time and data sizes.
+    ``evaluators`` run at the loop's evaluation steps (the task passes the validation retrieval,
+    :class:`bioscan_jax.eval.clibd_eval.ValRetrieval`). Returns ``(trained model, summary)``; the
+    summary holds the step count, time and data sizes.
     """
     check_config(config)
     setup = setup or prepare(config, workdir)
@@ -406,7 +394,7 @@ def train_clibd(config, workdir: str, *, setup: ClibdSetup | None = None,
     result = loop.train(
         config, os.path.join(workdir, "train"), model_factory=model_factory(setup, pretrained),
         loss_fn=make_loss_fn(config), data_iter_factory=lambda: train_iterator(config, setup),
-        steps_per_epoch=steps_per_epoch, identity=run_identity(config, setup, pretrained))
+        steps_per_epoch=steps_per_epoch, identity=run_identity(config, setup, pretrained), evaluators=evaluators)
     summary = {"steps": result.step, "seconds": time.perf_counter() - t0, "n_train": len(setup.train_source),
                "run_identity": result.fingerprint,
                "n_train_without_dna": setup.n_train_without_dna, "steps_per_epoch": steps_per_epoch,

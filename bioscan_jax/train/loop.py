@@ -1,7 +1,7 @@
 """The generic train loop: mesh, init or resume, steps, logging, checkpoints, evaluation.
 
 Usage (a task module supplies the model, its loss, its input pipeline and its evaluators; here
-species fine-tuning as in :mod:`bioscan_jax.tasks.barcodebert`)::
+species fine-tuning as in :func:`bioscan_jax.train.stages.finetune_species`)::
 
     cfg = kmer_bert.get_variant('tiny')
     result = train(

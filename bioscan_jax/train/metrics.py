@@ -37,6 +37,13 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def logged_value(workdir: str | os.PathLike, key: str, step: int) -> float | None:
+    """The last value of ``key`` logged at ``step`` in ``workdir/metrics.jsonl`` (a resumed run
+    may log a step twice), or None."""
+    values = [r[key] for r in read_metrics(workdir) if r.get("step") == step and key in r]
+    return float(values[-1]) if values else None
+
+
 class MetricsWriter:
     """metrics.jsonl + TensorBoard + tqdm progress bar for one run directory."""
 

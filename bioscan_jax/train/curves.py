@@ -57,7 +57,7 @@ def plot_curves(workdir: str, stages: Sequence[str] = ("pretrain", "finetune"),
     fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.5), squeeze=False)
     for ax, stage in zip(axes[0], stages):
         curves = stage_curves(os.path.join(workdir, stage), val_metric, val_metrics)
-        ax.plot(*curves["loss"], label="loss")
+        ax.plot(*curves["loss"], color="black", label="loss")
         ax.set_xlabel("step")
         ax.set_title(stage)
         if len(curves) > 1:

@@ -344,6 +344,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def process_batch_size(global_batch: int) -> int:
+    """This process's rows of a global batch (what its input pipeline batches)."""
+    return global_batch // jax.process_count()
+
+
 def validate_batch(global_batch: int, mesh: Mesh | Mapping[str, int], accum_steps: int = 1) -> None:
     """Raise (before any compute) when the batch cannot be split as configured."""
     sizes = dict(mesh.shape) if isinstance(mesh, Mesh) else dict(mesh)

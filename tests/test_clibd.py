@@ -196,7 +196,7 @@ def test_validation_retrieval_is_logged_during_training_and_never_on_test(tiny_r
     # The evaluator reports what evaluate() gives on val / val_unseen for the same model.
     setup = clibd_train.prepare(config, workdir)
     model = clibd_train.load_towers(workdir)
-    batches = clibd_eval.EvalBatches(config, setup, clibd_eval.evaluated_splits(config, "val_query_splits"),
+    batches = clibd_eval.EvalBatches(config, setup, sources.retrieval_eval_splits(config.eval, ["val_query_splits"]),
                                      tuple(config.eval.ranks))
     direct = clibd_eval.evaluate(config, model, setup, batches, queries="val_query_splits")
     logged = clibd_eval.ValRetrieval(config, setup, batches).run(model, 0)

@@ -151,6 +151,30 @@ def retrieval_splits(section: Any, queries: str = "query_splits") -> tuple[tuple
     return keys, (pair[0], pair[1])
 
 
+def retrieval_query_fields(section: Any) -> tuple[str, ...]:
+    """The query sets a retrieval evaluation section names: ``query_splits`` (the benchmark) and,
+    when set, ``val_query_splits`` (validation during training), which must not share a split
+    with the benchmark's queries (``ValueError``)."""
+    val = config_access.name_list(config_access.get(section, "val_query_splits", ()))
+    if not val:
+        return ("query_splits",)
+    _, test = retrieval_splits(section)
+    if set(val) & set(test):
+        raise ValueError(f"config.eval.val_query_splits={list(val)} shares a split with the test queries "
+                         f"{list(test)}: training never evaluates on a test split")
+    return ("query_splits", "val_query_splits")
+
+
+def retrieval_eval_splits(section: Any, query_fields: Sequence[str] | None = None) -> tuple[str, ...]:
+    """Every split a retrieval evaluation reads: the keys and the queries of ``query_fields``
+    (default: every query set the section names, :func:`retrieval_query_fields`)."""
+    out: list[str] = []
+    for field in retrieval_query_fields(section) if query_fields is None else query_fields:
+        keys, queries = retrieval_splits(section, field)
+        out += [*keys, *queries]
+    return tuple(dict.fromkeys(out))
+
+
 def _open_tfds(data: Any, splits: Sequence[str], features, seed: int) -> Splits:
     from bioscan_jax.data import tfds_source  # TFDS only when this path is used
 

@@ -25,7 +25,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import grain
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -35,6 +34,7 @@ from bioscan_jax.data import text as text_lib
 from bioscan_jax.eval import embed as embed_lib
 from bioscan_jax.eval import retrieval
 from bioscan_jax.models import towers
+from bioscan_jax import sharding as mesh_lib
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def eval_batches(config, setup, source, ranks: Sequence[str]):
                                            normalize=bool(d.normalize_images), passthrough=passthrough))
     else:
         ds = ds.map(lambda r: {**r, "image_ok": False})
-    ds = ds.batch(int(config.eval.batch_size) // jax.process_count(), drop_remainder=False, batch_fn=list)
+    ds = ds.batch(mesh_lib.process_batch_size(int(config.eval.batch_size)), drop_remainder=False, batch_fn=list)
     ds = ds.map(EvalBatch(setup.tokenizer, setup.vocab, ranks, with_image))
     options = grain.ReadOptions()
     if d.get("read_threads"):
@@ -119,15 +119,6 @@ def eval_modalities(config, model_config: towers.ClibdConfig) -> tuple[str, ...]
     """Modalities that the retrieval pairs need and the model has."""
     wanted = {m for pair in retrieval_pairs(config) for m in pair}
     return tuple(m for m in model_config.modalities if m in wanted)
-
-
-def evaluated_splits(config, *query_fields: str) -> tuple[str, ...]:
-    """Every split the named query sets (``TEST_QUERIES``, ``VAL_QUERIES``) and their keys read."""
-    out: list[str] = []
-    for field in query_fields:
-        keys, queries = sources.retrieval_splits(config.eval, field)
-        out += [*keys, *queries]
-    return tuple(dict.fromkeys(out))
 
 
 class EvalBatches:
@@ -224,11 +215,6 @@ def evaluate(config, model: towers.ClibdModel, setup, batches: EvalBatches | Non
     return results
 
 
-def headline_rank(ranks: Sequence[str]) -> str:
-    """The rank of the paper's headline figures: species, else the finest rank evaluated."""
-    return "species" if "species" in ranks else tuple(ranks)[-1]
-
-
 class ValRetrieval:
     """The evaluator CLIBD training runs (:class:`bioscan_jax.train.loop.Evaluator`): retrieval
     of the validation queries (``config.eval.val_query_splits``, BIOSCAN-5M ``val`` and
@@ -237,13 +223,10 @@ class ValRetrieval:
     splits are never read during training."""
 
     def __init__(self, config, setup, batches: EvalBatches):
-        _, val = sources.retrieval_splits(config.eval, VAL_QUERIES)
-        _, test = sources.retrieval_splits(config.eval, TEST_QUERIES)
-        if set(val) & set(test):
-            raise ValueError(f"config.eval.val_query_splits={list(val)} shares a split with the test queries "
-                             f"{list(test)}: training never evaluates on a test split")
+        if VAL_QUERIES not in sources.retrieval_query_fields(config.eval):  # also: no test split among them
+            raise ValueError("config.eval.val_query_splits is empty: there is nothing to validate on")
         self.config, self.setup, self.batches = config, setup, batches
-        self.rank = headline_rank(tuple(config.eval.ranks))
+        self.rank = retrieval.headline_rank(tuple(config.eval.ranks))
 
     def curve_metrics(self) -> list[str]:
         """The names of the harmonic means it logs, one per pair (the training-curve plot)."""
@@ -259,7 +242,3 @@ class ValRetrieval:
                     out[f"val/{pair}/{self.rank}_macro_top1_{which}"] = float(cell[which])
         return out
 
-
-def validation_enabled(config) -> bool:
-    """Whether CLIBD training reports validation retrieval (``config.eval.val_query_splits`` set)."""
-    return bool(config_access.name_list(config_access.get(config.eval, VAL_QUERIES, ())))

@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import jax
 import numpy as np
 from flax import nnx
 
@@ -26,6 +25,7 @@ from bioscan_jax.data import pipeline, sources
 from bioscan_jax.eval import embed as embed_lib
 from bioscan_jax.eval import evaluators, probes
 from bioscan_jax.models import kmer_bert
+from bioscan_jax import sharding as mesh_lib
 
 #: The probe settings a linear-probe head (``finetune.head_init='linear_probe'``) depends on.
 LINEAR_PROBE_FIELDS = ("linear_recipe", "linear_epochs", "linear_lr", "linear_batch_size", "linear_momentum",
@@ -77,10 +77,8 @@ def label_ranks(config) -> tuple[str, ...]:
 
 
 def _eval_batches(config, source, tokenizer):
-    # this process's rows of the global batch (as bioscan_jax.train.stages.local_batch)
-    local_batch = config.probe.eval_batch_size // jax.process_count()
     return pipeline.dna_pipeline(
-        source, tokenizer=tokenizer, batch_size=local_batch, train=False,
+        source, tokenizer=tokenizer, batch_size=mesh_lib.process_batch_size(config.probe.eval_batch_size), train=False,
         drop_remainder=False, shard="jax", num_epochs=1, keep=label_ranks(config))
 
 

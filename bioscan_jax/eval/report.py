@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from bioscan_jax.data.schema import EVAL_RANKS
-from bioscan_jax.eval.retrieval import pair_names
+from bioscan_jax.eval.retrieval import headline_rank, pair_names
 
 #: Column order of the paper's figure.
 PAPER_PAIRS: tuple[str, ...] = ("dna_to_dna", "image_to_image", "image_to_dna")
@@ -142,7 +142,7 @@ def report_tables(by_setting: Mapping[str, Mapping[str, Any]], ranks: Sequence[s
     """The paper-style tables: species top-1 macro (default view), then every rank (macro, micro)."""
     pairs = [p for p in PAPER_PAIRS if any(p in r for r in by_setting.values())]
     pairs += sorted({p for r in by_setting.values() for p in pair_names(r)} - set(pairs))
-    species = "species" if "species" in ranks else ranks[-1]
+    species = headline_rank(ranks)
     parts = [f"CLIBD retrieval, {species} (seen / unseen / harmonic mean)",
              format_table(by_setting, ranks=(species,), pairs=pairs)]
     if len(ranks) > 1:

@@ -295,6 +295,11 @@ def embed_batches(
     return np.concatenate(out, axis=0)
 
 
+def headline_rank(ranks: Sequence[str]) -> str:
+    """The rank of the paper's headline figures: species, else the finest rank evaluated."""
+    return "species" if "species" in ranks else tuple(ranks)[-1]
+
+
 def pair_names(results: Mapping[str, Any]) -> list[str]:
     """The retrieval pairs of a :func:`clibd_retrieval` result (``'dna_to_dna'``, ...), without
     its bookkeeping entries (``skipped_pairs``, and ``excluded`` added by the CLIBD evaluation)."""

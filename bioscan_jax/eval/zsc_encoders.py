@@ -31,6 +31,7 @@ from bioscan_jax.eval import clustering
 from bioscan_jax.eval import embed as embed_lib
 from bioscan_jax.models import kmer_bert, vit
 from bioscan_jax import config_access
+from bioscan_jax import sharding as mesh_lib
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ def dna_batches(k: int, max_nucleotides: int, stride: int | None = None, frames:
         return batch
 
     def make(source, batch_size):
-        ds = pipeline.dna_pipeline(source, tokenizer=tokenizer, batch_size=batch_size // jax.process_count(),
+        ds = pipeline.dna_pipeline(source, tokenizer=tokenizer, batch_size=mesh_lib.process_batch_size(batch_size),
                                    train=False, drop_remainder=False, shard="jax", num_epochs=1,
                                    keep=KEEP + ((barcode,) if frames > 1 else ()))
         return ds.map(reading_frames) if frames > 1 else ds
@@ -163,7 +164,7 @@ def image_batches(image_size: int) -> Callable:
     values in [0, 1] (normalisation happens on the device, per encoder)."""
 
     def make(source, batch_size):
-        return pipeline.image_pipeline(source, batch_size=batch_size // jax.process_count(), train=False,
+        return pipeline.image_pipeline(source, batch_size=mesh_lib.process_batch_size(batch_size), train=False,
                                        image_size=image_size, resize=image_size, normalize=False,
                                        drop_remainder=False, shard="jax", num_epochs=1, keep=KEEP)
 

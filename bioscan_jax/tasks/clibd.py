@@ -88,9 +88,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     }
     logger.info("data %s: %s", setup.data.description, summary["split_sizes"])
     pretrained = clibd_train.pretrained_encoders(config, setup, workdir)
-    validate = clibd_eval.validation_enabled(config)
-    query_fields = (clibd_eval.TEST_QUERIES, *((clibd_eval.VAL_QUERIES,) if validate else ()))
-    batches = clibd_eval.EvalBatches(config, setup, clibd_eval.evaluated_splits(config, *query_fields), ranks,
+    validate = clibd_eval.VAL_QUERIES in sources.retrieval_query_fields(config.eval)
+    batches = clibd_eval.EvalBatches(config, setup, sources.retrieval_eval_splits(config.eval), ranks,
                                      key_splits=keys)
     by_setting: dict[str, Any] = {}
     if config.eval.no_alignment:

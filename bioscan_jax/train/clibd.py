@@ -152,11 +152,9 @@ class ClibdSetup:
 
 def prepare(config, workdir: str | None = None, *, splits: Sequence[str] | None = None) -> ClibdSetup:
     """Opens the data and builds the tokenizer, vocabulary and model config (saves the vocab)."""
-    keys, queries = sources.retrieval_splits(config.eval)
-    val_queries = config_access.name_list(config_access.get(config.eval, "val_query_splits", ()))
     d = config.data
     wanted = list(dict.fromkeys(splits if splits is not None
-                                else (d.train_split, d.vocab_split, *keys, *queries, *val_queries)))
+                                else (d.train_split, d.vocab_split, *sources.retrieval_eval_splits(config.eval))))
     data = sources.open_splits(d, wanted, features=FEATURES, seed=config.seed)
     mods = enabled_modalities(config)
     train_source, n_without_dna = None, 0
@@ -182,17 +180,13 @@ def prepare(config, workdir: str | None = None, *, splits: Sequence[str] | None 
                      vocab=vocab, model_config=mcfg, mesh=mesh_lib.make_mesh(config.mesh))
 
 
-def _local_batch(batch_size: int) -> int:
-    return batch_size // jax.process_count()
-
-
 def train_iterator(config, setup: ClibdSetup) -> Iterator[Mapping[str, np.ndarray]]:
     """The training batches: CLIBD augmentation, tokenised DNA, taxonomy text, positive labels."""
     d = config.data
     positives = str(config.loss.positives or "")
     return iter(pipeline.clibd_pipeline(
         setup.train_source, tokenizer=setup.tokenizer, vocab=setup.vocab,
-        batch_size=_local_batch(int(config.train.batch_size)), train=True, seed=config.seed,
+        batch_size=mesh_lib.process_batch_size(int(config.train.batch_size)), train=True, seed=config.seed,
         label_ranks=(positives,) if positives else (), dna_random_offset=bool(d.dna_random_offset),
         image_size=int(d.image_size), resize=int(d.resize), normalize=bool(d.normalize_images),
         worker_count=int(d.worker_count), read_threads=d.get("read_threads") or None,
@@ -344,6 +338,7 @@ def make_loss_fn(config):
 
 def check_config(config) -> None:
     enabled_modalities(config)
+    sources.retrieval_query_fields(config.eval)  # the validation queries are no test split
     positives = str(config.loss.positives or "")
     if positives and positives not in fields.INDEX_FEATURES:
         raise ValueError(f"config.loss.positives must be '' or a label column ({', '.join(fields.INDEX_FEATURES)}), "

@@ -19,7 +19,6 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax
 import ml_collections
 from flax import nnx
 
@@ -57,11 +56,6 @@ def dna_stage_identity(model_cfg: kmer_bert.KmerBertConfig, tokenizer, data: sou
             "data": {**data.identity, "split": split, "records": len(data[split])}, "stage": options}
 
 
-def local_batch(batch_size: int) -> int:
-    """This process's rows of a global batch."""
-    return batch_size // jax.process_count()
-
-
 class MlmValidation:
     """The pretraining stage's evaluator (:class:`bioscan_jax.train.loop.Evaluator`): the
     masked-token loss and accuracies of the model on a held-out split, as ``val/mlm_loss``,
@@ -76,7 +70,7 @@ class MlmValidation:
     def __init__(self, source, tokenizer, *, batch_size: int, mask_prob: float, masked_only: bool, seed: int,
                  mesh, rules, max_batches: int = 8):
         batches = pipeline.dna_pipeline(
-            source, tokenizer=tokenizer, batch_size=local_batch(batch_size), train=False, seed=seed, mlm=True,
+            source, tokenizer=tokenizer, batch_size=mesh_lib.process_batch_size(batch_size), train=False, seed=seed, mlm=True,
             mask_prob=mask_prob, masked_only=masked_only, drop_remainder=True, num_epochs=1, shard="jax")
         self.batches = list(itertools.islice(iter(batches), max_batches))
         self.records = len(self.batches) * batch_size
@@ -129,7 +123,7 @@ def pretrain_mlm(config: ml_collections.ConfigDict, stage: ml_collections.Config
 
     def data_iter():
         return iter(pipeline.dna_pipeline(
-            source, tokenizer=tokenizer, batch_size=local_batch(batch), train=True, seed=config.seed,
+            source, tokenizer=tokenizer, batch_size=mesh_lib.process_batch_size(batch), train=True, seed=config.seed,
             mlm=True, mask_prob=stage.mask_prob, masked_only=stage.masked_only, worker_count=worker_count))
 
     identity = dna_stage_identity(model_cfg, tokenizer, data, split, mask_prob=float(stage.mask_prob),
@@ -177,7 +171,7 @@ def finetune_species(config: ml_collections.ConfigDict, stage: ml_collections.Co
 
     def data_iter():
         return iter(pipeline.dna_pipeline(
-            source, tokenizer=tokenizer, batch_size=local_batch(batch), train=True, seed=config.seed + 1,
+            source, tokenizer=tokenizer, batch_size=mesh_lib.process_batch_size(batch), train=True, seed=config.seed + 1,
             label_rank="species", worker_count=worker_count))
 
     identity = dna_stage_identity(model_cfg, tokenizer, data, split, num_classes=num_classes, pooling=pooling,

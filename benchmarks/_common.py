@@ -14,10 +14,14 @@ def emit(**record) -> None:
 
 
 def configure_jax(device: str, dtype: str, tf32: bool):
-    """Selects the JAX platform before JAX is imported, puts the repository on ``sys.path`` and,
-    for f32 on GPU, sets the same matmul precision as the PyTorch side; returns ``jax``."""
+    """Selects the JAX platform before JAX is imported, puts the repository on ``sys.path``, on CPU
+    applies :func:`bioscan_jax.xla_cpu.apply_defaults` as ``run.py`` does and, for f32 on GPU, sets the same matmul precision as the PyTorch side; returns ``jax``."""
     os.environ.setdefault("JAX_PLATFORMS", "cpu" if device == "cpu" else "cuda")
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    if device == "cpu":  # what run.py does: this CPU's measured XLA defaults, unless XLA_FLAGS is set
+        from bioscan_jax import xla_cpu
+
+        xla_cpu.apply_defaults()
     import jax
 
     if device == "gpu" and dtype == "f32":  # same matmul precision on both sides

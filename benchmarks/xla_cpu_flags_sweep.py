@@ -30,6 +30,9 @@ OPTION_SETS: dict[str, tuple[str, dict[str, str]]] = {
     "xnnpack": ("--xla_cpu_use_xnnpack=true", {}),
     "xnn_fusion_dot": ("--xla_cpu_experimental_xnn_fusion_type=dot", {}),
     "ynn_fusion_dot": ("--xla_cpu_experimental_ynn_fusion_type=dot", {}),
+    # jaxlib 0.10 fuses dots (and reductions/elementwise ops around them) into YNNPACK by default;
+    # an empty list turns that off, and the dots go to XLA's own (Eigen) kernels.
+    "ynn_off": ("--xla_cpu_experimental_ynn_fusion_type=", {}),
     "vector_width_512": ("--xla_cpu_prefer_vector_width=512", {}),
     "no_multi_thread_eigen": ("--xla_cpu_multi_thread_eigen=false", {}),
     "malloc_no_trim": ("", {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=4294967296:"

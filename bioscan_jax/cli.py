@@ -248,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from bioscan_jax import xla_cpu
+
+    xla_cpu.apply_defaults()  # before any JAX computation (docs/performance.md)
     if args.command != "index" and not getattr(args, "model", None) and not os.path.isdir(getattr(args, "reference", "")):
         print("bioscan-jax: error: --model is needed unless --reference is an index", file=sys.stderr)
         return 2

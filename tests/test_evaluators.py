@@ -203,6 +203,23 @@ def test_finetune_logs_val_accuracy_per_epoch_and_plots_it(best_val_run):
     assert "Fine-tuned species accuracy (val, best-val epoch)" in open(os.path.join(workdir, "summary.md")).read()
 
 
+def test_pretraining_val_loss_is_a_curve_of_its_own(tmp_path):
+    import json
+
+    from bioscan_jax.train import curves
+
+    stage = tmp_path / "pretrain"
+    stage.mkdir()
+    lines = [{"step": 10, "loss": 5.0, "accuracy": 0.1}, {"step": 20, "loss": 4.0, "accuracy": 0.2},
+             {"step": 20, "val/mlm_loss": 4.5, "val/mlm_accuracy": 0.15}]
+    (stage / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    got = curves.stage_curves(str(stage))
+    assert got["val/mlm_loss"] == ([20], [4.5])
+    assert got["loss"] == ([10, 20], [5.0, 4.0])
+    assert "val accuracy" not in got  # val/accuracy was never logged
+    assert curves.plot_curves(str(tmp_path), stages=("pretrain",)) == str(tmp_path / "training_curves.png")
+
+
 def _accuracy_of(config, params):
     """The test accuracy of a fresh classifier holding ``params``."""
     from bioscan_jax import sharding

@@ -347,6 +347,19 @@ def test_dropout_statistics():
     np.testing.assert_array_equal(layers.Dropout(1.0, rngs=nnx.Rngs(0))(x), 0.0)
 
 
+def test_dropout_mask_bits_are_uniform_and_independent():
+    words = np.asarray(layers.counter_bits(jax.random.key(3), 1 << 18)).astype(np.uint64)
+    bits = (words[:, None] >> np.arange(32, dtype=np.uint64)) & 1
+    np.testing.assert_allclose(bits.mean(0), 0.5, atol=0.005)  # every bit position fair
+    keep, _ = layers.keep_mask(jax.random.key(4), (512, 512), 0.1)
+    k = np.asarray(keep, np.float64)
+    for a, b in ((k[:, 1:], k[:, :-1]), (k[1:], k[:-1])):  # neighbours along both axes
+        assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 0.01
+    other, _ = layers.keep_mask(jax.random.key(5), (512, 512), 0.1)
+    assert abs(np.corrcoef(k.ravel(), np.asarray(other, np.float64).ravel())[0, 1]) < 0.01
+    assert abs(1 - k.mean() - 0.1) < 0.002
+
+
 def test_droppath():
     dp = layers.DropPath(0.5, rngs=nnx.Rngs(dropout=0))
     x = jnp.ones((64, 3, 2))

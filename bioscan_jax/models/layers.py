@@ -44,8 +44,9 @@ the rules and ``jax.jit(..., out_shardings=...)``.
 Dropout follows NNX conventions (:class:`Dropout` has the ``nnx.Dropout`` interface): every module
 with randomness holds its own RNG stream (from the ``dropout`` collection of the ``nnx.Rngs``
 passed at construction); ``model.train()`` / ``model.eval()`` toggle it, and a
-``deterministic=`` call argument overrides that. Masks are drawn 16 bits per element (two per
-random word), about half the cost of ``jax.random.bernoulli`` on CPU.
+``deterministic=`` call argument overrides that. Masks are drawn 16 bits per element, two per
+word of a hashed counter seeded from the key (:func:`counter_bits`): on CPU, threefry's random
+words (``jax.random.bernoulli``) cost a fifth of the tiny BarcodeBERT step.
 """
 
 from __future__ import annotations
@@ -213,15 +214,41 @@ class Embed(nnx.Module):
         return _cast(x, self.dtype)
 
 
+def _mix32(x: Array) -> Array:
+    """A bijective 32-bit integer hash with low avalanche bias ("lowbias32", C. Wellons'
+    hash-prospector): xorshift-multiply rounds, a few vector integer ops per word."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x21F0AAAD)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(0x735A2D97)
+    return x ^ (x >> 15)
+
+
+def counter_bits(key: Array, n: int) -> Array:
+    """``n`` pseudo-random uint32 words from ``key``: two seed words drawn with ``jax.random``
+    from the key, then a counter hashed twice (``mix(mix(i ^ s0) + s1)``).
+
+    For dropout masks, not for cryptography or statistics: the words pass the mask tests
+    (drop frequency, independence of neighbours, a fresh mask per key), and cost a fraction of
+    ``jax.random.bits`` (threefry, about 20 rounds per word) on CPU.
+    """
+    if n >= 2**32:
+        raise ValueError(f"counter_bits draws at most 2**32 - 1 words, asked for {n}")
+    seeds = jax.random.bits(key, (2,), jnp.uint32)
+    i = jax.lax.iota(jnp.uint32, n)
+    return _mix32(_mix32(i ^ seeds[0]) + seeds[1])
+
+
 def keep_mask(key: Array, shape: Sequence[int], rate: float) -> tuple[Array, float]:
     """Boolean keep mask with ``P(drop) = rate`` (to 1/65536) and the exact keep probability.
 
-    Draws 16 bits per element, two per 32-bit random word: the same distribution as
-    ``jax.random.bernoulli`` (to the 1/65536 rate quantum) at about half the random-number cost,
-    which matters for dropout on CPU.
+    Draws 16 bits per element, two per 32-bit word of :func:`counter_bits` (a hashed counter
+    seeded from ``key``): the keep probability is exact to the 1/65536 rate quantum, and the
+    random-number cost is a small part of the step on CPU, where threefry's is not (it was a
+    fifth of the tiny BarcodeBERT step; docs/performance.md).
     """
     n = math.prod(shape)
-    words = jax.random.bits(key, ((n + 1) // 2,), jnp.uint32)
+    words = counter_bits(key, (n + 1) // 2)
     halves = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(-1)[:n].reshape(shape)
     threshold = min(max(int(round(rate * 65536)), 0), 65535)
     return halves >= jnp.uint16(threshold), (65536 - threshold) / 65536

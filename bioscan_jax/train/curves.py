@@ -1,7 +1,7 @@
 """Training curves of a task's stages, from their ``metrics.jsonl``, as one figure.
 
 :func:`stage_curves` reads one stage's curves; :func:`plot_curves` draws every stage that logged
-(loss, training accuracy, and the validation accuracy of the evaluation steps) into
+(loss, training accuracy, and the validation loss and accuracy of the evaluation steps) into
 ``workdir/training_curves.png``.
 """
 
@@ -27,14 +27,17 @@ def stage_curves(stage_dir: str, val_metric: str = VAL_ACCURACY, val_metrics: Se
                  ) -> dict[str, tuple[list[int], list[float]]]:
     """The curves :func:`plot_curves` draws for one stage, ``name -> (steps, values)`` from its
     ``metrics.jsonl``: ``loss`` and (when logged) the training ``accuracy`` of the log steps,
-    ``val accuracy`` (``val_metric``) of the evaluation steps (fine-tuning: each epoch end), and
-    each of ``val_metrics`` under its own name (CLIBD: the validation retrieval per pair)."""
+    ``val accuracy`` (``val_metric``) of the evaluation steps (fine-tuning: each epoch end), every
+    validation loss an evaluator logged (``val/...loss``, e.g. pretraining's ``val/mlm_loss``) under
+    its own name, and each of ``val_metrics`` under its own name (CLIBD: the validation retrieval
+    per pair)."""
     records = read_metrics(stage_dir)
     train = [r for r in records if "loss" in r and "step" in r]
     curves = {"loss": ([r["step"] for r in train], [r["loss"] for r in train])}
     if train and "accuracy" in train[0]:
         curves["accuracy"] = ([r["step"] for r in train], [r.get("accuracy") for r in train])
-    for name, metric in (("val accuracy", val_metric), *((m, m) for m in val_metrics)):
+    val_losses = sorted({k for r in records for k in r if k.startswith("val/") and k.endswith("loss")})
+    for name, metric in (("val accuracy", val_metric), *((m, m) for m in (*val_losses, *val_metrics))):
         curve = _evaluated(records, metric)
         if curve:
             curves[name] = curve
@@ -58,6 +61,11 @@ def plot_curves(workdir: str, stages: Sequence[str] = ("pretrain", "finetune"),
     for ax, stage in zip(axes[0], stages):
         curves = stage_curves(os.path.join(workdir, stage), val_metric, val_metrics)
         ax.plot(*curves["loss"], color="black", label="loss")
+        val_losses = [name for name in curves if name.startswith("val/") and name.endswith("loss")]
+        for name in val_losses:
+            ax.plot(*curves[name], color="tab:gray", linestyle="--", marker="o", label=name)
+        if val_losses:
+            ax.legend(loc="upper right", fontsize="small")
         ax.set_xlabel("step")
         ax.set_title(stage)
         if len(curves) > 1:

@@ -15,7 +15,8 @@ def emit(**record) -> None:
 
 def configure_jax(device: str, dtype: str, tf32: bool):
     """Selects the JAX platform before JAX is imported, puts the repository on ``sys.path``, on CPU
-    applies :func:`bioscan_jax.xla_cpu.apply_defaults` as ``run.py`` does and, for f32 on GPU, sets the same matmul precision as the PyTorch side; returns ``jax``."""
+    applies :func:`bioscan_jax.xla_cpu.apply_defaults` as ``run.py`` does and, for f32 on GPU,
+    sets the same matmul precision as the PyTorch side; returns ``jax``."""
     os.environ.setdefault("JAX_PLATFORMS", "cpu" if device == "cpu" else "cuda")
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     if device == "cpu":  # what run.py does: this CPU's measured XLA defaults, unless XLA_FLAGS is set
@@ -57,14 +58,14 @@ def machine_info() -> dict:
     force (``XLA_FLAGS``), versions of both stacks and torch's CPU kernel level."""
     import platform
 
-    model, flags = platform.processor() or "?", set()
+    from bioscan_jax import xla_cpu  # the ISA flags its defaults are chosen by
+
+    model, flags = platform.processor() or "?", xla_cpu.cpu_features() or frozenset()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name") and model in ("?", "x86_64", ""):
                     model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
                     break
     except OSError:
         pass

@@ -32,7 +32,6 @@ def test_cpu_features_reads_cpuinfo(tmp_path):
 
 
 _PROBE = """
-import os, sys
 from bioscan_jax import xla_cpu
 print(xla_cpu.apply_defaults(features={"avx2"}))
 import jax, jax.numpy as jnp

@@ -16,6 +16,11 @@ from bioscan_jax.train.metrics import read_metrics
 VAL_ACCURACY = "val/accuracy"
 
 
+def _is_val_loss(name: str) -> bool:
+    """A validation loss an evaluator logged (``val/...loss``, e.g. pretraining's ``val/mlm_loss``)."""
+    return name.startswith("val/") and name.endswith("loss")
+
+
 def _evaluated(records, metric: str) -> tuple[list[int], list[float]] | None:
     """``(steps, values)`` of one evaluator metric (the last record of a step a resumed run
     logged twice), or None when it was never logged."""
@@ -36,7 +41,7 @@ def stage_curves(stage_dir: str, val_metric: str = VAL_ACCURACY, val_metrics: Se
     curves = {"loss": ([r["step"] for r in train], [r["loss"] for r in train])}
     if train and "accuracy" in train[0]:
         curves["accuracy"] = ([r["step"] for r in train], [r.get("accuracy") for r in train])
-    val_losses = sorted({k for r in records for k in r if k.startswith("val/") and k.endswith("loss")})
+    val_losses = sorted({k for r in records for k in r if _is_val_loss(k)})
     for name, metric in (("val accuracy", val_metric), *((m, m) for m in (*val_losses, *val_metrics))):
         curve = _evaluated(records, metric)
         if curve:
@@ -61,7 +66,7 @@ def plot_curves(workdir: str, stages: Sequence[str] = ("pretrain", "finetune"),
     for ax, stage in zip(axes[0], stages):
         curves = stage_curves(os.path.join(workdir, stage), val_metric, val_metrics)
         ax.plot(*curves["loss"], color="black", label="loss")
-        val_losses = [name for name in curves if name.startswith("val/") and name.endswith("loss")]
+        val_losses = [name for name in curves if _is_val_loss(name)]
         for name in val_losses:
             ax.plot(*curves[name], color="tab:gray", linestyle="--", marker="o", label=name)
         if val_losses:

@@ -166,3 +166,14 @@ def pair_ratios(ours: dict, theirs: dict) -> dict:
     wall, cpu = stats("times"), stats("cpu")
     return {"speedup": wall["median"] if wall else None, "speedup_pairs": wall,
             "speedup_cpu_time": cpu["median"] if cpu else None, "speedup_cpu_time_pairs": cpu}
+
+
+def roofline(flops: float, torch_step_s: float, jax_peak: float, target: float = 1.5) -> dict:
+    """What the matmul peak allows: the speedup over torch of a step that ran all its ``flops``
+    at our measured ``jax_peak`` (FLOP/s, same dtype, same run), and the FLOP/s a step needs to be
+    ``target`` × torch. A bound below ``target`` means no model-side change can reach it on this
+    machine: only a faster matmul kernel can."""
+    need = target * flops / torch_step_s
+    return {"speedup_at_matmul_peak": torch_step_s / (flops / jax_peak) if jax_peak else None,
+            "target_speedup": target, "flops_per_s_needed_for_target": need,
+            "needed_over_matmul_peak": need / jax_peak if jax_peak else None}

@@ -28,7 +28,7 @@ import os
 import statistics
 import time
 
-from _common import configure_jax, emit, machine_info, matmul_peak, matmul_peaks, paired, pair_ratios
+from _common import configure_jax, emit, machine_info, matmul_peak, matmul_peaks, paired, pair_ratios, roofline
 
 
 def parse_args(argv=None):
@@ -259,7 +259,8 @@ def main(argv=None):
         emit(benchmark="bert_pretrain_step_comparison", config=args.config, batch=args.batch, dtype=args.dtype,
              device=args.device, pairs=args.steps, jax_step_s=statistics.median(ours["times"]),
              torch_step_s=statistics.median(theirs["times"]), jax_cpu_s=statistics.median(ours["cpu"]),
-             torch_cpu_s=statistics.median(theirs["cpu"]), **pair_ratios(ours, theirs))
+             torch_cpu_s=statistics.median(theirs["cpu"]), **pair_ratios(ours, theirs),
+             **roofline(analytic, statistics.median(theirs["times"]), peak))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import os
 import statistics
 import time
 
-from _common import configure_jax, emit, machine_info, matmul_peak, matmul_peaks, paired, pair_ratios
+from _common import configure_jax, emit, machine_info, matmul_peak, matmul_peaks, paired, pair_ratios, roofline
 
 
 def parse_args(argv=None):
@@ -173,7 +173,8 @@ def main(argv=None):
         emit(benchmark="vit_fwd_bwd_comparison", variant=args.variant, batch=args.batch, dtype=args.dtype,
              device=args.device, pairs=args.steps, jax_step_s=statistics.median(ours["times"]),
              torch_step_s=statistics.median(theirs["times"]), jax_cpu_s=statistics.median(ours["cpu"]),
-             torch_cpu_s=statistics.median(theirs["cpu"]), **pair_ratios(ours, theirs))
+             torch_cpu_s=statistics.median(theirs["cpu"]), **pair_ratios(ours, theirs),
+             **roofline(analytic, statistics.median(theirs["times"]), peak))
 
 
 if __name__ == "__main__":

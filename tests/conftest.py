@@ -6,6 +6,9 @@ import pathlib
 import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+# run.py and the CLI turn on JAX's persistent compilation cache (bioscan_jax/compilation_cache.py);
+# the tests' subprocesses compile afresh and write nothing under ~/.cache.
+os.environ.setdefault("BIOSCAN_JAX_COMPILATION_CACHE", "off")
 REAL_BARCODES = REPO_ROOT.parent / "shared" / "data" / "real_barcodes" / "canadian_invertebrates_100sp.tsv"
 
 

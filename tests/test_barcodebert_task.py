@@ -6,6 +6,7 @@ import os
 import pytest
 
 from bioscan_jax import tasks
+from bioscan_jax.tasks import barcodebert as barcodebert_task
 from configs import barcodebert as barcodebert_config
 
 
@@ -66,10 +67,25 @@ def test_linear_probe_head_without_the_probes_stage(tmp_path):
     assert summary["finetune"]["head_init"] == "linear_probe" and summary["finetune"]["steps"] == 4
 
 
-def test_linear_probe_head_needs_a_pretrained_encoder(tmp_path):
-    config = small_config(tmp_path, stages="finetune")
+@pytest.mark.parametrize("stages", ["finetune", "finetune,probes"])
+def test_linear_probe_head_needs_a_pretrained_encoder(tmp_path, stages):
+    # with the probes stage too: fine-tuning must not start from the probes' random-init encoder
+    config = small_config(tmp_path, stages=stages)
     with pytest.raises(ValueError, match="needs the pretrain stage"):
         tasks.run(config, str(tmp_path / "work"))
+    assert not (tmp_path / "tfds").exists()  # refused before any data is built
+
+
+def test_probes_without_pretraining_say_the_encoder_is_not_pretrained(run_result, tmp_path):
+    workdir, _ = run_result
+    config = small_config(tmp_path, stages="probes")
+    config.data.data_dir = os.path.join(os.path.dirname(workdir), "tfds")
+    summary = tasks.run(config, str(tmp_path / "work"))
+    assert summary["probes"]["encoder"] == barcodebert_task.NOT_PRETRAINED
+    table = open(tmp_path / "work" / "summary.md").read()
+    assert "(pretrained)" not in table and f"({barcodebert_task.NOT_PRETRAINED})" in table
+    _, main = run_result
+    assert main["probes"]["encoder"] == barcodebert_task.PRETRAINED
 
 
 def test_rerun_resumes_from_checkpoints_without_training_again(run_result, tmp_path):

@@ -140,6 +140,12 @@ def selected_model(config, data, tokenizer, mesh, workdir: str, result: loop.Tra
     return model, {"select": select, "selected_step": int(step), "val": val}
 
 
+#: What the probed encoder is, as ``summary['probes']['encoder']`` and the 1-NN row's label: a run
+#: without the pretrain stage probes a random-init encoder, and its table must not say "pretrained".
+PRETRAINED = "pretrained"
+NOT_PRETRAINED = "random init: no pretrain stage"
+
+
 def summary_table(summary: dict[str, Any]) -> str:
     """The paper's three DNA metrics plus the baselines, as a Markdown table."""
     rank = summary.get("probes", {}).get("knn", {}).get("rank", "genus")
@@ -149,7 +155,8 @@ def summary_table(summary: dict[str, Any]) -> str:
         (f"Fine-tuned species accuracy (test{which})", finetuned.get("accuracy")),
         (f"Fine-tuned species accuracy (val{which})", (finetuned.get("val") or {}).get("accuracy")),
         ("Linear probe species accuracy (test)", summary.get("probes", {}).get("linear", {}).get("accuracy")),
-        (f"1-NN {rank} accuracy, unseen species (pretrained)", summary.get("probes", {}).get("knn", {}).get("accuracy")),
+        (f"1-NN {rank} accuracy, unseen species ({summary.get('probes', {}).get('encoder', PRETRAINED)})",
+         summary.get("probes", {}).get("knn", {}).get("accuracy")),
         (f"1-NN {rank} accuracy, unseen species (random init)",
          summary.get("probes", {}).get("knn_random_init", {}).get("accuracy")),
         (f"1-NN {rank} accuracy, unseen species (k-mer counts, k={summary.get('probes', {}).get('kmer_baseline', {}).get('k')})",
@@ -178,6 +185,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     head_init = config.finetune.get("head_init", "random")
     if head_init not in HEAD_INITS:
         raise ValueError(f"unknown config.finetune.head_init {head_init!r}; valid: {', '.join(HEAD_INITS)}")
+    if "finetune" in wanted and head_init == "linear_probe" and "pretrain" not in wanted:
+        raise ValueError("finetune.head_init='linear_probe' needs the pretrain stage in config.stages "
+                         "(fine-tuning starts from its encoder); add 'pretrain' (a finished pretraining in "
+                         "the workdir is restored, not trained again)")
     dna_probes.check_finetune_selection(config)
     os.makedirs(workdir, exist_ok=True)
     if config.probe.linear_recipe not in probes.LINEAR_RECIPES:
@@ -217,22 +228,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         summary["pretrain"] = {"steps": result.step, "seconds": time.perf_counter() - t0,
                                "run_identity": result.fingerprint}
     if "probes" in wanted:
-        if encoder is None:
-            logger.warning("probes without pretraining: probing a random-init encoder")
-            encoder = kmer_bert.KmerBert(model_cfg, rngs=nnx.Rngs(config.seed))
+        probed, probe_encoder = PRETRAINED, encoder
+        if encoder is None:  # fine-tuning never starts from this one
+            logger.warning("probes without the pretrain stage: probing a random-init encoder "
+                           "(the pretrain checkpoints in the workdir are not read)")
+            probed, probe_encoder = NOT_PRETRAINED, kmer_bert.KmerBert(model_cfg, rngs=nnx.Rngs(config.seed))
         t0 = time.perf_counter()
-        summary["probes"] = dna_probes.run_probes(config, data, model_cfg, tokenizer, encoder, mesh)
+        summary["probes"] = dna_probes.run_probes(config, data, model_cfg, tokenizer, probe_encoder, mesh)
+        summary["probes"]["encoder"] = probed
         head = summary["probes"]["linear"].pop("head")
-        if config.probe.linear_rank != "species":  # the fine-tuning head classifies species
+        if config.probe.linear_rank != "species" or encoder is None:  # a species head of the pretrained encoder
             head = None
         summary["probes"]["seconds"] = time.perf_counter() - t0
     if "finetune" in wanted:
         t0 = time.perf_counter()
         if head_init == "random":
             head = None
-        elif head is None:
-            if encoder is None:
-                raise ValueError("finetune.head_init='linear_probe' needs the pretrain stage (or a pretrained encoder)")
+        elif head is None:  # encoder is the pretrained one: checked before any compute
             head = dna_probes.probe_head(config, data, tokenizer, encoder, mesh)
         result = finetune(config, data, model_cfg, tokenizer, encoder, workdir, head=head,
                           encoder_identity=encoder_identity, mesh=mesh)

@@ -3,15 +3,20 @@ with the same shapes) loads its compiled XLA programs from disk instead of compi
 
 The directory is, in order: the user's own ``JAX_COMPILATION_CACHE_DIR`` (JAX reads it itself;
 left alone), ``BIOSCAN_JAX_COMPILATION_CACHE`` (a path, or ``0``/``off`` to disable), else
-``$XDG_CACHE_HOME/bioscan_jax/xla`` (``~/.cache/bioscan_jax/xla``). JAX keys each entry on the
-program, the compile options, the XLA flags and the backend, so a cached program is the one the
-compiler would produce; programs that compile in under ``MIN_COMPILE_SECONDS`` are not stored.
+``$XDG_CACHE_HOME/bioscan_jax/xla`` (``~/.cache/bioscan_jax/xla``); in the last two, one subfolder
+per host CPU (:func:`host_tag`). JAX keys each entry on the program, the compile options, the XLA
+flags and the backend; XLA:CPU code is also compiled for the host's instruction set, so a home
+directory shared by machines with different CPUs keeps their programs apart. Programs that
+compile in under ``MIN_COMPILE_SECONDS`` are not stored (a ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS``
+of the user's wins).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import platform
 from collections.abc import Mapping
 
 logger = logging.getLogger(__name__)
@@ -21,20 +26,44 @@ ENV = "BIOSCAN_JAX_COMPILATION_CACHE"
 JAX_ENV = "JAX_COMPILATION_CACHE_DIR"
 #: Shorter compiles are not worth a disk entry (JAX's default threshold is 1 s).
 MIN_COMPILE_SECONDS = 0.5
+MIN_COMPILE_ENV = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
 _OFF = ("0", "off", "false", "no", "none")
 
 
-def cache_dir(environ: Mapping[str, str] = os.environ) -> str | None:
-    """The directory this module would use, or ``None`` (disabled, or left to ``JAX_ENV``)."""
+def host_tag(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """A short name for this host's CPU: its architecture, model name and ISA flags, hashed."""
+    model, flags = "", ""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and not model:
+                    model = value.strip()
+                elif key in ("flags", "Features") and not flags:
+                    flags = " ".join(sorted(value.split()))
+                if model and flags:
+                    break
+    except OSError:
+        pass
+    digest = hashlib.sha256(f"{platform.machine()}|{model}|{flags}".encode()).hexdigest()[:12]
+    return f"{platform.machine() or 'cpu'}-{digest}"
+
+
+def cache_dir(environ: Mapping[str, str] = os.environ, tag: str | None = None) -> str | None:
+    """The directory this module would use, or ``None`` (disabled, or left to ``JAX_ENV``);
+    ``tag`` (default :func:`host_tag`) names the per-CPU subfolder."""
     if environ.get(JAX_ENV):
         return None
     value = environ.get(ENV, "").strip()
     if value.lower() in _OFF:
         return None
     if value:
-        return os.path.expanduser(value)
-    base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "bioscan_jax", "xla")
+        base = os.path.expanduser(value)
+    else:
+        home = environ.get("HOME") or os.path.expanduser("~")
+        base = os.path.join(environ.get("XDG_CACHE_HOME") or os.path.join(home, ".cache"), "bioscan_jax", "xla")
+    return os.path.join(base, host_tag() if tag is None else tag)
 
 
 def enable(environ: Mapping[str, str] = os.environ) -> str | None:
@@ -54,6 +83,7 @@ def enable(environ: Mapping[str, str] = os.environ) -> str | None:
     import jax
 
     jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
+    if not environ.get(MIN_COMPILE_ENV):
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
     logger.info("compilation cache: %s (%s=0 to turn it off)", path, ENV)
     return path

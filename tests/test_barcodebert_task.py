@@ -84,8 +84,29 @@ def test_probes_without_pretraining_say_the_encoder_is_not_pretrained(run_result
     assert summary["probes"]["encoder"] == barcodebert_task.NOT_PRETRAINED
     table = open(tmp_path / "work" / "summary.md").read()
     assert "(pretrained)" not in table and f"({barcodebert_task.NOT_PRETRAINED})" in table
-    _, main = run_result
+    assert f"Linear probe species accuracy (test; {barcodebert_task.NOT_PRETRAINED})" in table
+    main_workdir, main = run_result
     assert main["probes"]["encoder"] == barcodebert_task.PRETRAINED
+    main_table = open(os.path.join(main_workdir, "summary.md")).read()
+    assert "| Linear probe species accuracy (test) |" in main_table
+    assert "1-NN genus accuracy, unseen species (pretrained)" in main_table
+
+
+def test_random_head_finetuning_without_pretraining_starts_from_no_encoder(run_result, tmp_path, monkeypatch):
+    # probes without pretraining build a random-init encoder; fine-tuning must not inherit it
+    workdir, _ = run_result
+    config = small_config(tmp_path, stages="probes,finetune", **{"finetune.head_init": "random"})
+    config.data.data_dir = os.path.join(os.path.dirname(workdir), "tfds")
+    seen = {}
+
+    def finetune(config, data, model_cfg, tokenizer, encoder, workdir, **kwargs):
+        seen.update(encoder=encoder, head=kwargs.get("head"))
+        raise RuntimeError("stop after the hand-over")
+
+    monkeypatch.setattr(barcodebert_task, "finetune", finetune)
+    with pytest.raises(RuntimeError, match="stop after the hand-over"):
+        tasks.run(config, str(tmp_path / "work"))
+    assert seen == {"encoder": None, "head": None}
 
 
 def test_rerun_resumes_from_checkpoints_without_training_again(run_result, tmp_path):

@@ -158,10 +158,10 @@ def run_probes(config, data, model_cfg, tokenizer, encoder, mesh) -> dict[str, A
         emb[d.probe_key_split]["embedding"], emb[d.probe_key_split][rank],
         emb[d.probe_query_split]["embedding"], emb[d.probe_query_split][rank]), "rank": rank}
     lr = config.probe.linear_rank
-    out["linear"] = probes.linear_probe(
+    out["linear"] = {**probes.linear_probe(
         emb[d.finetune_split]["embedding"], emb[d.finetune_split][lr],
         emb[d.test_split]["embedding"], emb[d.test_split][lr], num_classes=data.num_classes(lr),
-        return_head=True, **_linear_fit_options(config))
+        return_head=True, **_linear_fit_options(config)), "rank": lr}
     if config.probe.random_init_baseline:
         random_encoder = kmer_bert.KmerBert(model_cfg, rngs=nnx.Rngs(config.seed + 1000))
         rnd = {s: embed_split(config, random_encoder, data[s], tokenizer, mesh, kmer_bert.pooled_embedding)

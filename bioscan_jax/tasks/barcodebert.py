@@ -149,13 +149,16 @@ NOT_PRETRAINED = "random init: no pretrain stage"
 def summary_table(summary: dict[str, Any]) -> str:
     """The paper's three DNA metrics plus the baselines, as a Markdown table."""
     rank = summary.get("probes", {}).get("knn", {}).get("rank", "genus")
+    linear_rank = summary.get("probes", {}).get("linear", {}).get("rank", "species")
+    encoder = summary.get("probes", {}).get("encoder", PRETRAINED)
+    probed = "" if encoder == PRETRAINED else f"; {encoder}"
     finetuned = summary.get("finetune", {})
     which = ", best-val epoch" if finetuned.get("select") == "best_val" else ""
     rows = [
         (f"Fine-tuned species accuracy (test{which})", finetuned.get("accuracy")),
         (f"Fine-tuned species accuracy (val{which})", (finetuned.get("val") or {}).get("accuracy")),
-        ("Linear probe species accuracy (test)", summary.get("probes", {}).get("linear", {}).get("accuracy")),
-        (f"1-NN {rank} accuracy, unseen species ({summary.get('probes', {}).get('encoder', PRETRAINED)})",
+        (f"Linear probe {linear_rank} accuracy (test{probed})", summary.get("probes", {}).get("linear", {}).get("accuracy")),
+        (f"1-NN {rank} accuracy, unseen species ({encoder})",
          summary.get("probes", {}).get("knn", {}).get("accuracy")),
         (f"1-NN {rank} accuracy, unseen species (random init)",
          summary.get("probes", {}).get("knn_random_init", {}).get("accuracy")),
@@ -170,7 +173,8 @@ def summary_table(summary: dict[str, Any]) -> str:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Pretrain → fine-tune → probes (``config.stages``); returns and writes the summary."""
+    """Pretrain → probes → fine-tune (``config.stages``; fine-tuning can start its head from the
+    probes' species linear probe); returns and writes the summary."""
     t_start = time.perf_counter()
     wanted = _check_stages(config)
     model_cfg = kmer_bert.config_from(config.model)

@@ -61,14 +61,8 @@ def machine_info() -> dict:
     from bioscan_jax import xla_cpu  # the ISA flags its defaults are chosen by
 
     model, flags = platform.processor() or "?", xla_cpu.cpu_features() or frozenset()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and model in ("?", "x86_64", ""):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    if model in ("?", "x86_64"):
+        model = xla_cpu.cpu_model() or model
     info = dict(cpu_model=model, isa=[f for f in ISA_FLAGS if f in flags], cpu_count=os.cpu_count(),
                 load_avg=os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
                 xla_flags=os.environ.get("XLA_FLAGS", ""))

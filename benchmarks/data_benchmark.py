@@ -75,12 +75,9 @@ def _cpu_model() -> str:
     """The machine line: CPU model and core count."""
     import platform
 
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    from bioscan_jax import xla_cpu
+
+    model = xla_cpu.cpu_model() or platform.processor() or platform.machine()
     return f"{model}, {os.cpu_count()} CPUs"
 
 

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
-from _common import configure_jax, emit, machine_info
+from _common import configure_jax, emit, machine_info, timed
 
 #: name -> (M, K, N, FLOP weight in its step: how many such GEMMs per layer, in units of K·N).
 SHAPES = {
@@ -32,13 +31,9 @@ LIBS = ("jax", "torch", "numpy")
 
 
 def median_seconds(fn, reps: int) -> float:
+    """Median wall seconds of ``reps`` calls of ``fn`` after one warm-up call."""
     fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(timed(fn)[0] for _ in range(reps))
 
 
 def weighted_rate(rows: dict, step: str, lib: str) -> float:

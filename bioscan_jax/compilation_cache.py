@@ -32,20 +32,10 @@ _OFF = ("0", "off", "false", "no", "none")
 
 def host_tag(cpuinfo: str = "/proc/cpuinfo") -> str:
     """A short name for this host's CPU: its architecture, model name and ISA flags, hashed."""
-    model, flags = "", ""
-    try:
-        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "model name" and not model:
-                    model = value.strip()
-                elif key in ("flags", "Features") and not flags:
-                    flags = " ".join(sorted(value.split()))
-                if model and flags:
-                    break
-    except OSError:
-        pass
+    from bioscan_jax import xla_cpu
+
+    model = xla_cpu.cpu_model(cpuinfo) or ""
+    flags = " ".join(sorted(xla_cpu.cpu_features(cpuinfo) or ()))
     digest = hashlib.sha256(f"{platform.machine()}|{model}|{flags}".encode()).hexdigest()[:12]
     return f"{platform.machine() or 'cpu'}-{digest}"
 

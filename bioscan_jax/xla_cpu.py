@@ -29,16 +29,30 @@ logger = logging.getLogger(__name__)
 YNN_FUSIONS_OFF = "--xla_cpu_experimental_ynn_fusion_type="
 
 
-def cpu_features(path: str = "/proc/cpuinfo") -> frozenset[str] | None:
-    """The ISA flags of the first CPU in ``path`` (Linux), or None where it cannot be read."""
+def _cpuinfo_value(path: str, keys: tuple[str, ...]) -> str | None:
+    """The value of the first ``key: value`` line of ``path`` (Linux ``/proc/cpuinfo``) whose key
+    is one of ``keys``, or None."""
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
+                key, sep, value = line.partition(":")
+                if sep and key.strip() in keys:
+                    return value.strip()
     except OSError:
         return None
     return None
+
+
+def cpu_features(path: str = "/proc/cpuinfo") -> frozenset[str] | None:
+    """The ISA flags of the first CPU in ``path`` (x86 ``flags``, Arm ``Features``), or None where
+    they cannot be read."""
+    value = _cpuinfo_value(path, ("flags", "Features"))
+    return None if value is None else frozenset(value.split())
+
+
+def cpu_model(path: str = "/proc/cpuinfo") -> str | None:
+    """The first CPU's ``model name`` in ``path``, or None."""
+    return _cpuinfo_value(path, ("model name",)) or None
 
 
 def default_flags(features: Iterable[str] | None) -> list[str]:

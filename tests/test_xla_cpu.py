@@ -29,6 +29,12 @@ def test_cpu_features_reads_cpuinfo(tmp_path):
     f.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n\nprocessor\t: 1\nflags\t\t: fpu\n")
     assert xla_cpu.cpu_features(str(f)) == {"fpu", "sse2", "avx2", "fma"}
     assert xla_cpu.cpu_features(str(tmp_path / "missing")) is None
+    assert xla_cpu.cpu_model(str(f)) is None
+    f.write_text("processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu avx2\n")
+    assert xla_cpu.cpu_model(str(f)) == "AMD EPYC 7B13"
+    arm = tmp_path / "cpuinfo_arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd sve\n")
+    assert xla_cpu.cpu_features(str(arm)) == {"fp", "asimd", "sve"}
 
 
 _PROBE = """

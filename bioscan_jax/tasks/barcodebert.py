@@ -148,22 +148,21 @@ NOT_PRETRAINED = "random init: no pretrain stage"
 
 def summary_table(summary: dict[str, Any]) -> str:
     """The paper's three DNA metrics plus the baselines, as a Markdown table."""
-    rank = summary.get("probes", {}).get("knn", {}).get("rank", "genus")
-    linear_rank = summary.get("probes", {}).get("linear", {}).get("rank", "species")
-    encoder = summary.get("probes", {}).get("encoder", PRETRAINED)
-    probed = "" if encoder == PRETRAINED else f"; {encoder}"
+    probed = summary.get("probes", {})
+    rank = probed.get("knn", {}).get("rank", "genus")
+    encoder = probed.get("encoder", PRETRAINED)
+    not_pretrained = "" if encoder == PRETRAINED else f"; {encoder}"
     finetuned = summary.get("finetune", {})
     which = ", best-val epoch" if finetuned.get("select") == "best_val" else ""
     rows = [
         (f"Fine-tuned species accuracy (test{which})", finetuned.get("accuracy")),
         (f"Fine-tuned species accuracy (val{which})", (finetuned.get("val") or {}).get("accuracy")),
-        (f"Linear probe {linear_rank} accuracy (test{probed})", summary.get("probes", {}).get("linear", {}).get("accuracy")),
-        (f"1-NN {rank} accuracy, unseen species ({encoder})",
-         summary.get("probes", {}).get("knn", {}).get("accuracy")),
-        (f"1-NN {rank} accuracy, unseen species (random init)",
-         summary.get("probes", {}).get("knn_random_init", {}).get("accuracy")),
-        (f"1-NN {rank} accuracy, unseen species (k-mer counts, k={summary.get('probes', {}).get('kmer_baseline', {}).get('k')})",
-         summary.get("probes", {}).get("kmer_baseline", {}).get("accuracy")),
+        (f"Linear probe {probed.get('linear', {}).get('rank', 'species')} accuracy (test{not_pretrained})",
+         probed.get("linear", {}).get("accuracy")),
+        (f"1-NN {rank} accuracy, unseen species ({encoder})", probed.get("knn", {}).get("accuracy")),
+        (f"1-NN {rank} accuracy, unseen species (random init)", probed.get("knn_random_init", {}).get("accuracy")),
+        (f"1-NN {rank} accuracy, unseen species (k-mer counts, k={probed.get('kmer_baseline', {}).get('k')})",
+         probed.get("kmer_baseline", {}).get("accuracy")),
     ]
     lines = ["| metric | % |", "|---|---:|"]
     for name, value in rows:

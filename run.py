@@ -29,7 +29,8 @@ _TRACEBACK = flags.DEFINE_bool("traceback", False, "Show the full traceback of a
 #: Errors that are about the user's input, config or workdir: their message names the cause and
 #: the remedy, so run.py prints that one line (``--traceback`` for the whole trace).
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
-               workdir_lock.WorkdirBusyError, loop.NonFiniteLossError, checkpoint.DiskFullError)
+               workdir_lock.WorkdirBusyError, workdir_lock.WorkdirError, loop.NonFiniteLossError,
+               checkpoint.DiskFullError)
 
 
 def _parse_flags(argv):
@@ -58,7 +59,13 @@ def main(argv):
     logging.info("task=%s workdir=%s", config.task, workdir)
     import jax
 
-    try:  # one writer per workdir (process 0 holds the lock for a multi-process run)
+    try:
+        # Every value in range (lr finite and > 0, probabilities in [0, 1], ...) and each training
+        # stage's batch, mesh and schedule settings sound, named by their full path: seconds, not
+        # a NaN loss after the data are built.
+        config_errors.check_config(config)
+        # One writer per workdir (process 0 holds the lock for a multi-process run); a workdir that
+        # is a file or not writable fails here, before any data are built.
         with workdir_lock.hold(workdir, enabled=jax.process_index() == 0):
             tasks.run(config, workdir)
     except loop.TrainingInterrupted as e:

@@ -23,11 +23,14 @@ be saved again). When no checkpoint restores, nothing is moved and an error is r
 
 from __future__ import annotations
 
+import atexit
 import errno
 import json
 import logging
 import math
 import shutil
+import sys
+import threading
 import time
 from typing import Any
 
@@ -74,11 +77,94 @@ class _DropDiskFullRecords(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage() if record.args else str(record.msg)
         if record.exc_info and record.exc_info[1] is not None:
-            return not _is_disk_full(record.exc_info[1])
-        return "No space left on device" not in text
+            full = _is_disk_full(record.exc_info[1])
+        else:
+            full = "No space left on device" in text
+        if full:
+            _AFTERMATH.disk_full()
+        return not full
 
 
 _DISK_FULL_FILTER = _DropDiskFullRecords()
+
+
+def _is_closed_loop_callback(unraisable: Any) -> bool:
+    """Whether an unraisable exception is asyncio's ``RuntimeError('Event loop is closed')``
+    raised in ``loop.call_soon_threadsafe``: what tensorstore's write callbacks hit, from its own
+    threads, when orbax's save coroutine has already failed and its event loop is closed."""
+    error = getattr(unraisable, "exc_value", None)
+    if not isinstance(error, RuntimeError) or str(error) != "Event loop is closed":
+        return False
+    tb = getattr(unraisable, "exc_traceback", None)
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "call_soon_threadsafe":
+            return True
+        tb = tb.tb_next
+    return False
+
+
+class _DiskFullAftermath:
+    """A ``sys.unraisablehook`` that silences the aftermath of a disk-full save, and nothing else.
+
+    When a save runs out of space, orbax's save coroutine fails and its event loop closes while
+    tensorstore still has writes in flight; each of their completion callbacks then calls
+    ``loop.call_soon_threadsafe`` on the closed loop, and the ``RuntimeError('Event loop is
+    closed')`` is printed as an unraisable exception -- dozens of tracebacks around the one line
+    of :class:`DiskFullError`. Those exceptions are held back here (they cannot say which save
+    they belong to, and they may come before the failure is known); they are dropped once a
+    disk-full failure is seen, and passed on to the previous hook otherwise (at the next
+    successful :meth:`Checkpointer.wait` and at exit). Every other unraisable exception goes
+    straight to the previous hook.
+    """
+
+    MAX_HELD = 10_000
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._held: list = []
+        self._disk_full = False
+        self._previous = None
+        self._at_exit = False
+
+    def install(self) -> None:
+        """Makes this the process's unraisable hook (again, if something replaced it since)."""
+        with self._lock:
+            if sys.unraisablehook is self:
+                return
+            self._previous = sys.unraisablehook
+            sys.unraisablehook = self
+            first, self._at_exit = not self._at_exit, True
+        if first:
+            atexit.register(self.settle)
+
+    def __call__(self, unraisable) -> None:
+        if _is_closed_loop_callback(unraisable):
+            with self._lock:
+                if self._disk_full:
+                    return
+                if len(self._held) < self.MAX_HELD:
+                    self._held.append(unraisable)
+                    return
+        (self._previous or sys.__unraisablehook__)(unraisable)
+
+    def disk_full(self) -> None:
+        """A save ran out of space: what it left behind (held or still to come) is dropped."""
+        with self._lock:
+            self._disk_full = True
+            self._held.clear()
+
+    def settle(self, *, saved: bool = False) -> None:
+        """Passes the held exceptions on unless a disk-full failure explains them; ``saved``
+        (a save completed since): later ones are held again, not dropped."""
+        with self._lock:
+            held, self._held = ([] if self._disk_full else self._held), []
+            if saved:
+                self._disk_full = False
+        for unraisable in held:
+            (self._previous or sys.__unraisablehook__)(unraisable)
+
+
+_AFTERMATH = _DiskFullAftermath()
 
 
 def _mb(n: float) -> str:
@@ -133,6 +219,7 @@ class Checkpointer:
         absl_logger = logging.getLogger("absl")
         if _DISK_FULL_FILTER not in absl_logger.filters:
             absl_logger.addFilter(_DISK_FULL_FILTER)
+        _AFTERMATH.install()
 
     # -- queries ----------------------------------------------------------------------------
 
@@ -176,11 +263,14 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001 - re-raised unless disk full
             self._raise_if_disk_full(e)
             raise
+        if self._pending is not None:
+            _AFTERMATH.settle(saved=True)
         self._pending = None
 
     def _raise_if_disk_full(self, error: BaseException) -> None:
         if not _is_disk_full(error):
             return
+        _AFTERMATH.disk_full()
         step, nbytes = self._pending or (None, 0)
         self._pending = None
         if jax.process_index() == 0:
@@ -270,6 +360,7 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001 - a disk-full save is reported by save()/wait()
             if not _is_disk_full(e):
                 raise
+            _AFTERMATH.disk_full()
 
     def __enter__(self) -> "Checkpointer":
         return self

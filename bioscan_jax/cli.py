@@ -177,8 +177,12 @@ def cmd_identify(args) -> int:
               "reference_left_out": reference.skipped, "queries": int(len(frame)),
               "queries_without_embedding": int((~queries.ok).sum()), "novelty": novelty}
     out.with_name(out.name + ".json").write_text(json.dumps(report, indent=2))
+    if novelty.get("threshold") is None:
+        note = f"novelty not calibrated ({novelty.get('error', 'no threshold in the index')}): the 'novel' column is empty"
+    else:
+        note = f"novelty threshold {novelty['threshold']:.4f}"
     print(f"{len(frame)} records identified against {len(reference.ids)} reference records → {out} "
-          f"(+ {out.name}.json); novelty threshold {novelty.get('threshold')}", flush=True)
+          f"(+ {out.name}.json); {note}", flush=True)
     return 0
 
 
@@ -255,6 +259,43 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "index" and not getattr(args, "model", None) and not os.path.isdir(getattr(args, "reference", "")):
         print("bioscan-jax: error: --model is needed unless --reference is an index", file=sys.stderr)
         return 2
+
+    def out_problem(out: str, *, directory: bool) -> str | None:
+        """Why ``--out`` cannot be written (``None`` if it can), found before any work: its folder
+        is created and a file is made and removed there. ``directory``: --out is a folder
+        (index, convert), else a file (embed, identify)."""
+        import errno
+        import tempfile
+
+        path = pathlib.Path(out)
+        if directory and path.exists() and not path.is_dir():
+            return "it is a file, not a directory"
+        if not directory and path.is_dir():
+            return "it is a directory; give a file name"
+        if directory and args.command == "convert" and (path / "checkpoints").exists():
+            return f"{path / 'checkpoints'} exists; choose an empty --out directory"
+        folder = path if directory else path.parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".bioscan-jax-write-check-", dir=folder)
+            os.close(fd)
+            os.unlink(probe)
+            if not directory and path.exists() and not os.access(path, os.W_OK):
+                raise PermissionError(errno.EACCES, "Permission denied")
+        except OSError as e:
+            blocker = next((p for p in [*reversed(folder.absolute().parents), folder.absolute()]
+                            if p.exists() and not p.is_dir()), None)
+            if blocker is not None:
+                return f"{blocker} is a file, not a directory"
+            reason = e.strerror or type(e).__name__
+            return reason[:1].lower() + reason[1:]
+        return None
+
+    if getattr(args, "out", None):  # checked before any input is read or embedded
+        problem = out_problem(args.out, directory=args.command in ("index", "convert"))
+        if problem:
+            print(f"bioscan-jax {args.command}: error: cannot write --out {args.out}: {problem}", file=sys.stderr)
+            return 1
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:  # one line for a user's mistake

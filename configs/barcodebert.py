@@ -60,13 +60,14 @@ def get_config(arg=None):
         probe_key_split="train",
         probe_query_split="test_unseen",
         # data/data_split.py: every set keeps the first record of each barcode after rstrip('N')
-        # over the whole metadata; and trailing N are padding (attention mask 0), not [UNK] tokens.
+        # over the whole metadata (the tokenisation rule is the model's: model.tokenization).
         dedup_barcodes=True,
-        strip_trailing_n=True,
         max_nucleotides=660,
         worker_count=0,
     )
-    c.model = dict(variant=arg.variant, remat=False, scan_layers=False)
+    # The tokenisation protocol (bioscan_jax.data.dna.TOKENIZATION_PROTOCOLS): 'bioscan5m' strips
+    # trailing N before the 660-nt cut (data/data_split.py), 'v1' keeps them (BarcodeBERT v1, CLIBD).
+    c.model = dict(variant=arg.variant, remat=False, scan_layers=False, tokenization="bioscan5m")
 
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     c.sharding_rules = DEFAULT_SHARDING_RULES
@@ -96,11 +97,17 @@ def get_config(arg=None):
 
     if arg.variant == "paper":
         c.data.builder_config = "dna"
-        c.pretrain = _stage(batch_size=512, epochs=35, lr=1e-4, log_every=100, checkpoint_every=2000)
+        # Global batch 64, lr 1e-4 (docs/protocols.md, "batch and lr"): pretraining.py takes
+        # --batch-size per GPU (default 16; global = 16 x WORLD_SIZE) and scales lr 1e-4 by
+        # global/64. No source records the BIOSCAN-5M 8-4-4 run's GPU count; we assume the
+        # repository's full-pipeline script slurm/run_cedar.slrm (--gres=gpu:4, torchrun over the
+        # node's GPUs, no --batch-size): 4 x 16 = 64. The README's single-process command gives 16.
+        c.pretrain = _stage(batch_size=64, epochs=35, lr=1e-4, log_every=100, checkpoint_every=20000)
         c.pretrain.mask_prob = 0.5
         c.pretrain.masked_only = False
-        # finetuning.py: its parser's default 35 epochs, a random head on the unmasked mean.
-        c.finetune = _stage(batch_size=256, epochs=35, lr=1e-4, log_every=100, checkpoint_every=2000)
+        # finetuning.py: the pretraining parser (batch 16 per GPU, same GPUs: 64), its default 35
+        # epochs, a random head on the unmasked mean.
+        c.finetune = _stage(batch_size=64, epochs=35, lr=1e-4, log_every=100, checkpoint_every=5000)
         c.finetune.head_init = "random"
         c.finetune.pooling = "mean"
         c.probe.eval_batch_size = 1024

@@ -58,6 +58,9 @@ def get_config(arg=None):
         resize=73,                     # shorter side before cropping; CLIBD: 256
         normalize_images=False,        # CLIBD feeds [0, 1] pixels
         dna_random_offset=False,       # CLIBD does not shift the barcode
+        # False: one seeded order repeated by every epoch, as CLIBD's DistributedSampler(shuffle=True)
+        # that never gets set_epoch (bioscanclip/util/dataset.py); True: a new order per epoch.
+        reshuffle_each_epoch=True,
         max_nucleotides=660,
         worker_count=0,                # grain worker processes (0: threads only)
         read_threads=2,                # grain reader threads (0: grain's default, 16)
@@ -71,7 +74,8 @@ def get_config(arg=None):
         image=dict(variant="Ti/16", init="", init_format="hf",
                    overrides=dict(patch_size=8, hidden_size=128, num_layers=3, num_heads=2, mlp_dim=384)),
         # KmerBert variant + overrides; init: '' | 'mlm' | BarcodeBERT workdir | HF checkpoint.
-        dna=dict(variant="tiny", init="",
+        # tokenization: bioscan_jax.data.dna.TOKENIZATION_PROTOCOLS; CLIBD tokenises as v1 (trailing N kept).
+        dna=dict(variant="tiny", init="", tokenization="v1",
                  overrides=dict(k=6, hidden_size=64, num_layers=1, num_heads=2, intermediate_size=256)),
         # Text encoder variant + overrides; tokenizer: '' (words of the training taxonomy) or a
         # WordPiece vocab.txt / model directory / hub id; init: '' or HF BertModel weights.
@@ -115,11 +119,21 @@ def get_config(arg=None):
         pairs=("dna_to_dna", "image_to_image", "image_to_dna"),
         ks=(1, 3, 5),
         ranks=("order", "family", "genus", "species"),
+        # 'class': a missing label is a class of its own (CLIBD's not_classified: such queries
+        # count, unlabelled keys match them); 'exclude': left out of that rank (counted).
+        missing_labels="class",
+        # scripts/train_cl.py: val/val_unseen retrieval at the end of 0-based epoch e when
+        # e > eval_skip_epoch; the test tables are of the best by compute_overall_acc ('best_val',
+        # kept in train/best_val) or of the last step ('last').
+        eval_skip_epoch=2,
+        select="best_val",
         batch_size=256,
         cache_max_records=50_000,      # keep decoded eval batches in memory up to this many records
     )
 
     if arg.variant == "paper":
+        c.seed = 42                    # global_config.yaml / image_dna_text_seed_42.yaml: default_seed 42
+        c.data.reshuffle_each_epoch = False
         c.data.builder_config = "cropped_256"
         c.data.image_size, c.data.resize = 224, 256
         c.data.worker_count = 8
@@ -133,7 +147,7 @@ def get_config(arg=None):
         # a v1 state dict with the 4**5 + 3 vocabulary); prajjwal1/bert-small and its WordPiece vocab.
         c.model.image = dict(variant="B/16", init="timm/vit_base_patch16_224.augreg2_in21k_ft_in1k",
                              init_format="timm", overrides=dict(layer_norm_eps=1e-6))
-        c.model.dna = dict(variant="5_12_12", init="bioscan-ml/clibd:ckpt/BarcodeBERT/5_mer/model_41.pth",
+        c.model.dna = dict(variant="5_12_12", init="bioscan-ml/clibd:ckpt/BarcodeBERT/5_mer/model_41.pth", tokenization="v1",
                            overrides=dict(vocab_size=4**5 + 3))
         c.model.text = dict(variant="bert-small", max_length=text_max_length(), tokenizer="prajjwal1/bert-small",
                             init="prajjwal1/bert-small", overrides=dict())
@@ -146,6 +160,7 @@ def get_config(arg=None):
         c.dna_pretrain.optim.lr = 1e-4
         c.dna_pretrain.checkpoint.every = 2000
         c.eval.batch_size = 1024
+        c.eval.eval_skip_epoch = 10    # image_dna_text_seed_42.yaml
     return c
 
 

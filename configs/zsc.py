@@ -110,6 +110,9 @@ def get_config(arg=None):
         unseen_fraction=0.2,
         test_fraction=0.2,
         split="test+test_unseen",     # the clustered records (the paper: seen and unseen together)
+        # True: records sorted by processid within each partition (zs-ssl-clustering's
+        # datasets/bioscan5m.py, "needed to reproduce"); False: the builder's order (tiny's tables).
+        sort_by_processid=False,
         max_nucleotides=660,
         worker_count=0,
     )
@@ -181,6 +184,7 @@ def get_config(arg=None):
         c.data.builder_config = "cropped_256"
         c.data.worker_count = 8
         c.cluster.prenorm = "elementwise_zscore"
+        c.data.sort_by_processid = True
         c.embed.batch_size = 256
         c.models = dict(
             # BarcodeBERT 8-4-4 from a barcodebert:paper workdir (or weights='hf' + a converted file).

@@ -18,3 +18,24 @@ def real_barcodes_path() -> pathlib.Path:
     if not REAL_BARCODES.exists():
         pytest.skip(f"real barcodes not found at {REAL_BARCODES} (they live in ../shared/data/real_barcodes/)")
     return REAL_BARCODES
+
+
+#: Fixtures that train and evaluate a whole task, or run a multi-process or kill-and-resume job,
+#: end to end: every test that uses one is marked ``slow``. ``pytest -m "not slow"`` is the fast
+#: developer tier; ``bash .ci/run`` runs everything.
+END_TO_END_FIXTURES = frozenset({
+    "run_result",      # test_barcodebert_task: the BarcodeBERT main job on a small dataset
+    "best_val_run",    # test_evaluators: fine-tuning with validation and best-val selection
+    "tiny_run",        # test_clibd: the CLIBD task
+    "first_run",       # test_zsc: the ZSC task
+    "plans",           # test_plan: the planner compiling every paper config on 8 fake devices
+    "runs",            # test_multiprocess: 1 x 8 vs 2 x 4 processes
+    "pristine",        # test_resume: a full run to compare resumed runs against
+    "uninterrupted",   # test_resume: the same, for the signal tests
+})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if END_TO_END_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

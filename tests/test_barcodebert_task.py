@@ -9,6 +9,8 @@ from bioscan_jax import tasks
 from bioscan_jax.tasks import barcodebert as barcodebert_task
 from configs import barcodebert as barcodebert_config
 
+pytestmark = pytest.mark.slow  # the BarcodeBERT task end to end
+
 
 def small_config(tmp_path, **overrides):
     c = barcodebert_config.get_config("tiny")

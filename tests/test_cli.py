@@ -154,3 +154,59 @@ def test_embed_images_needs_a_clibd_model(tmp_path, capsys):
     assert cli.main(["embed", "--images", "--model", str(tmp_path), "--input", str(tmp_path / "none"),
                      "--out", str(tmp_path / "o.npz")]) == 1
     assert "no image folder or list" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- an unwritable --out
+
+
+def test_an_out_under_a_regular_file_is_one_line_before_any_work(tmp_path):
+    """As a user runs it: the problem with --out is found before the input is read or embedded
+    (it used to be a raw NotADirectoryError after all the work)."""
+    import subprocess
+    import sys
+
+    fasta = tmp_path / "mine.fasta"
+    fasta.write_text(">a\nACGTACGTACGTACGT\n")
+    (tmp_path / "results").write_text("a file, not a folder")
+    out_path = tmp_path / "results" / "run1" / "out.npz"
+    out = subprocess.run([sys.executable, "-m", "bioscan_jax", "embed", "--model", "kmer:3", "--input", str(fasta),
+                          "--out", str(out_path), "--quiet"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        f"bioscan-jax embed: error: cannot write --out {out_path}: {tmp_path / 'results'} is a file, not a directory"]
+
+
+@pytest.mark.parametrize("command, make, problem", [
+    ("embed", lambda p: p.mkdir(), "it is a directory; give a file name"),
+    ("identify", lambda p: p.mkdir(), "it is a directory; give a file name"),
+    ("index", lambda p: p.write_text("x"), "it is a file, not a directory"),
+    ("convert", lambda p: (p / "checkpoints").mkdir(parents=True), "{out}/checkpoints exists; choose an empty --out directory"),
+])
+def test_an_out_of_the_wrong_kind_is_refused_before_the_input_is_read(tmp_path, capsys, command, make, problem):
+    out = tmp_path / "out"
+    make(out)
+    args = {"embed": ["--model", "kmer:3", "--input", tmp_path / "absent.fasta"],
+            "identify": ["--model", "kmer:3", "--reference", tmp_path / "absent.tsv", "--input", tmp_path / "absent.fasta"],
+            "index": ["--model", "kmer:3", "--reference", tmp_path / "absent.tsv"],
+            "convert": ["--model", tmp_path / "absent.pt"]}[command]
+    assert _run(command, *args, "--out", out) == 1  # the missing input is never reached
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"bioscan-jax {command}: error: cannot write --out {out}: {problem.format(out=out)}"]
+
+
+def test_an_out_on_a_read_only_file_system_is_refused(tmp_path, capsys):
+    import subprocess
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here ({done.stderr.strip() or done.returncode})")
+    try:
+        for command, out in (("identify", ro / "pred.tsv"), ("index", ro / "idx")):
+            extra = ["--input", tmp_path / "absent.fasta"] if command == "identify" else []
+            assert _run(command, "--model", "kmer:3", "--reference", tmp_path / "absent.tsv", *extra, "--out", out) == 1
+            assert capsys.readouterr().err.strip().splitlines() == [
+                f"bioscan-jax {command}: error: cannot write --out {out}: read-only file system"]
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], check=False)

@@ -143,6 +143,7 @@ def small_config(data_dir: str, **eval_overrides):
     c.model.text.overrides = dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
     c.train.batch_size, c.train.steps, c.train.epochs, c.train.tensorboard = 16, 2, 0, False
     c.eval.batch_size = 32
+    c.eval.eval_skip_epoch = -1  # scripts/train_cl.py's default: every epoch end (this run is < 1 epoch)
     c.eval.update(eval_overrides)
     return c
 
@@ -199,7 +200,7 @@ def test_validation_retrieval_is_logged_during_training_and_never_on_test(tiny_r
     batches = clibd_eval.EvalBatches(config, setup, sources.retrieval_eval_splits(config.eval, ["val_query_splits"]),
                                      tuple(config.eval.ranks))
     direct = clibd_eval.evaluate(config, model, setup, batches, queries="val_query_splits")
-    logged = clibd_eval.ValRetrieval(config, setup, batches).run(model, 0)
+    logged = clibd_eval.ValRetrieval(config, setup, batches, steps_per_epoch=100).run(model, 0)
     assert logged["val/dna_to_dna/species_macro_top1_unseen"] == pytest.approx(
         direct["dna_to_dna"]["report"]["species"]["macro_top1"]["unseen"])
     assert set(direct["excluded"]) == {"train", "key_unseen", "val", "val_unseen"}
@@ -207,7 +208,19 @@ def test_validation_retrieval_is_logged_during_training_and_never_on_test(tiny_r
     bad = config.copy_and_resolve_references()
     bad.eval.val_query_splits = ("val", "test_unseen")
     with pytest.raises(ValueError, match="test split"):
-        clibd_eval.ValRetrieval(bad, setup, batches)
+        clibd_eval.ValRetrieval(bad, setup, batches, steps_per_epoch=100)
+
+    # The test tables are of the best-on-validation model, and retrieval.json names its epoch.
+    with open(os.path.join(workdir, "retrieval.json")) as f:
+        selection = json.load(f)["model_selection"]
+    assert selection == {"select": "best_val", "step": 2, "epoch": 0, "metric": "val/overall_acc",
+                         "value": pytest.approx(val[0]["val/overall_acc"])}
+    # scripts/train_cl.py evaluates 0-based epoch e only when e > eval_skip_epoch
+    skipping = config.copy_and_resolve_references()
+    skipping.eval.eval_skip_epoch = 10
+    spe = clibd_eval.ValRetrieval(skipping, setup, batches, steps_per_epoch=5)
+    assert spe.run(model, 55) == {} and spe.epoch_of(55) == 10 and spe.epoch_of(60) == 11
+    assert clibd_eval.OVERALL_METRIC in spe.run(model, 60)
 
 
 def test_no_alignment_flag_and_load_towers(tiny_run):

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import logging
 import os
+import pathlib
 import subprocess
+import sys
 import uuid
 
 import numpy as np
@@ -15,6 +17,8 @@ import pytest
 
 from bioscan_jax import checkpoint as checkpoint_lib
 from bioscan_jax.checkpoint import Checkpointer, DiskFullError
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -80,3 +84,73 @@ def test_disk_full_is_recognised_through_tensorstore_messages():
     except RuntimeError as outer:
         assert checkpoint_lib._is_disk_full(outer)
     assert not checkpoint_lib._is_disk_full(ValueError("shape mismatch"))
+
+
+_SAVE_ON_A_FULL_DISK = """
+import os, sys
+import numpy as np
+from bioscan_jax.checkpoint import Checkpointer, DiskFullError
+
+# A train state of many arrays: tensorstore has writes in flight when the first one fails.
+state = {f"w{i}": np.random.default_rng(i).random(8000).astype(np.float32) for i in range(200)}
+try:
+    with Checkpointer(os.path.join(sys.argv[1], "checkpoints"), keep=2, async_save=True) as ckpt:
+        ckpt.save(2, state)
+        ckpt.wait()
+except DiskFullError as e:
+    sys.exit(f"run.py: {e}")  # as run.py reports it
+"""
+
+
+def test_disk_full_in_a_process_prints_one_line_and_no_traceback_from_orbax_or_asyncio(small_disk):
+    """The real thing, in its own process: an asynchronous save of a many-array state on a full
+    disk. orbax's event loop closes under tensorstore's pending write callbacks, whose
+    ``RuntimeError: Event loop is closed`` used to be printed dozens of times around the line."""
+    out = subprocess.run([sys.executable, "-c", _SAVE_ON_A_FULL_DISK, str(small_disk)], capture_output=True, text=True,
+                         timeout=120, cwd=REPO)
+    lines = [line for line in out.stderr.splitlines() if line.strip() and not line.startswith(("I1", "W1"))]
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr and "Event loop is closed" not in out.stderr, out.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith(
+        f"run.py: no space left on the device of {small_disk / 'checkpoints'} while saving checkpoint 2"), lines[:5]
+
+
+def test_only_the_aftermath_of_a_disk_full_save_is_silenced():
+    """The hook holds back asyncio's closed-loop callback errors until it knows whether a disk-full
+    save explains them; anything else, and those same errors without a disk-full, are reported."""
+    import types
+
+    def unraisable(error):
+        try:
+            raise error
+        except RuntimeError as e:
+            return types.SimpleNamespace(exc_type=type(e), exc_value=e, exc_traceback=e.__traceback__,
+                                         err_msg=None, object=None)
+
+    def closed_loop():
+        import asyncio
+
+        loop = asyncio.new_event_loop()
+        loop.close()
+        try:
+            loop.call_soon_threadsafe(print)
+        except RuntimeError as e:
+            return types.SimpleNamespace(exc_type=type(e), exc_value=e, exc_traceback=e.__traceback__,
+                                         err_msg=None, object=None)
+
+    seen = []
+    hook = checkpoint_lib._DiskFullAftermath()
+    hook._previous = seen.append
+    other = unraisable(RuntimeError("something else"))
+    hook(other)
+    assert seen == [other]  # not ours: reported at once
+    late = closed_loop()
+    hook(late)
+    assert seen == [other]  # held until we know
+    hook.settle(saved=True)
+    assert seen == [other, late]  # no disk-full: reported after all
+    hook(closed_loop())
+    hook.disk_full()
+    hook(closed_loop())
+    hook.settle()
+    assert seen == [other, late]  # the aftermath of a disk-full save: dropped

@@ -233,8 +233,7 @@ def _accuracy_of(config, params):
     model = kmer_bert.KmerBertClassifier(model_cfg, data.num_classes("species"), pooling=config.finetune.pooling,
                                          rngs=nnx.Rngs(123))
     towers.load_params(model, params, "test parameters")
-    tokenizer = dna.KmerTokenizer(model_cfg.k, max_nucleotides=config.data.max_nucleotides,
-                                  strip_trailing_n=bool(config.data.strip_trailing_n))
+    tokenizer = dna.tokenizer_for(config.model.tokenization, model_cfg.k, max_nucleotides=config.data.max_nucleotides)
     return dna_probes.finetune_accuracy(config, model, data, tokenizer, sharding.make_mesh(config.mesh))["accuracy"]
 
 
@@ -272,3 +271,28 @@ def test_selection_errors_fail_before_any_data_is_built(tmp_path, overrides, mes
     with pytest.raises(ValueError, match=message):
         tasks.run(_finetune_config(tmp_path, **overrides), str(tmp_path / "work"))
     assert not (tmp_path / "tfds").exists()
+
+
+def test_keep_best_picks_the_epoch_compute_overall_acc_picks(tmp_path):
+    """scripts/train_cl.py keeps best.pth when overall acc is strictly higher: the first of equal
+    scores wins; a step the evaluator does not score (a skipped epoch) keeps nothing."""
+    from flax import nnx
+
+    from bioscan_jax.eval.evaluators import KeepBest
+
+    table = {10: {}, 20: {"val/overall_acc": 0.31}, 30: {"val/overall_acc": 0.52},
+             40: {"val/overall_acc": 0.52}, 50: {"val/overall_acc": float("nan")}, 60: {"val/overall_acc": 0.47}}
+
+    class Table:
+        def run(self, model, step):
+            return table[step]
+
+    model = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+    keeper = KeepBest(Table(), tmp_path / "best", metric="val/overall_acc")
+    keeper.clear()
+    for step in table:
+        model.kernel[...] = model.kernel[...] * 0 + step  # parameters that say which step they are from
+        keeper.run(model, step)
+    assert keeper.best(model) == (30, 0.52)
+    keeper.restore_into(model)
+    assert float(model.kernel[...][0, 0]) == 30

@@ -247,3 +247,48 @@ def test_data_verify_images_reaches_the_builder(config_module, monkeypatch):
     with pytest.raises(Prepared):
         data_sources.open_splits(config.data, ["train"])
     assert seen["verify_images"] is False
+
+
+_ABANDON = """
+import io, sys
+import numpy as np
+from PIL import Image
+from tfds_builder.bioscan5m import jpeg_check
+
+buf = io.BytesIO()
+Image.fromarray(np.random.default_rng(0).integers(0, 255, (512, 512, 3), dtype=np.uint8)).save(buf, format="JPEG")
+heavy = [buf.getvalue()] * 32  # a chunk that keeps the checker busy after the first answer
+with jpeg_check.CheckerProcesses(int(sys.argv[1])) as checkers:
+    for key, answers in checkers.map((n, heavy) for n in range(8)):
+        break  # as the builder does when a record raises: chunks are still being checked
+print("stopped", flush=True)
+"""
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_checking_processes_exit_quietly_when_the_builder_stops_reading(workers):
+    """A build that raises on a bad record closes the checkers while they still answer queued
+    chunks: their answers meet a closed pipe, and they must exit without a traceback (the
+    build's one-line error must be the only thing on stderr)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _ABANDON, str(workers)], capture_output=True, text=True,
+                         cwd=pathlib.Path(__file__).resolve().parents[1], timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "stopped", out.stderr
+    assert out.stderr == "", out.stderr  # no BrokenPipeError from a helper process
+
+
+def test_serve_returns_at_end_of_input_and_on_a_broken_answer_pipe(good):
+    import pickle
+
+    class Closed(io.BytesIO):
+        def write(self, data):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    two = io.BytesIO(pickle.dumps([good]) * 2)
+    jpeg_check._serve(two, Closed())  # returns at once, nothing raised
+    cut = pickle.dumps([good, good])
+    answers = io.BytesIO()
+    jpeg_check._serve(io.BytesIO(cut[: len(cut) // 2]), answers)  # input cut short: the parent died
+    assert answers.getvalue() == b""

@@ -27,6 +27,8 @@ import pytest
 
 from bioscan_jax import launch
 
+pytestmark = pytest.mark.slow  # multi-process jobs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "_mp_worker.py")
 STEPS = 3

@@ -300,3 +300,20 @@ def test_label_rank_is_validated(records):
     with pytest.raises(ValueError, match="label_rank"):
         pipeline.dna_pipeline(records, tokenizer=dna.KmerTokenizer(4), batch_size=4, train=True, label_rank="kingdom")
     assert fields.INDEX_FEATURES[-1] == "dna_bin"
+
+
+def test_one_order_for_every_epoch_as_clibd_sampler_without_set_epoch():
+    """CLIBD's DistributedSampler never gets set_epoch: every epoch repeats one seeded order
+    (reshuffle_each_epoch=False); the default draws a new order per epoch."""
+    source = [{"processid": f"p{i}"} for i in range(10)]
+
+    def epochs(**kw):
+        ds = pipeline.records_pipeline(source, train=True, seed=42, shard=None, **kw)
+        ids = [ds[i]["processid"] for i in range(30)]
+        return ids[:10], ids[10:20], ids[20:]
+
+    first, second, third = epochs(reshuffle_each_epoch=False)
+    assert first == second == third and sorted(first) == sorted(r["processid"] for r in source)
+    assert first != [r["processid"] for r in source]  # shuffled, not the source order
+    first, second, _ = epochs()
+    assert first != second and sorted(first) == sorted(second)

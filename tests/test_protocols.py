@@ -134,8 +134,9 @@ def test_trailing_n_are_padding_and_gaps_keep_the_frame_as_the_reference(real_ba
 def test_every_barcodebert_stage_strips_trailing_n():
     for variant in barcodebert_config.VARIANTS:
         c = barcodebert_config.get_config(variant)
-        assert c.data.strip_trailing_n and c.data.dedup_barcodes, variant
+        assert c.model.tokenization == "bioscan5m" and c.data.dedup_barcodes, variant
     assert zsc_config.get_config("paper").barcodebert.dedup_barcodes
+    assert zsc_config.get_config("paper").barcodebert.model.tokenization == "bioscan5m"
 
 
 # ----------------------------------------------------------------------------- linear probe

@@ -25,7 +25,8 @@ from bioscan_jax.train.optim import make_optimizer
 from bioscan_jax.train.state import abstract_train_state
 
 # A failed tensorstore read (damaged checkpoint) can leave an asyncio callback behind: harmless.
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+              pytest.mark.slow]  # kill-and-resume runs in subprocesses
 
 TESTS = pathlib.Path(__file__).resolve().parent
 ROOT = TESTS.parent

@@ -83,7 +83,8 @@ EXPECTED = {
 @pytest.mark.parametrize("chunks", [(1024, 16384), (2, 2)], ids=["one-block", "blocks-of-2"])
 def test_hand_computed_example(chunks):
     result = evaluate_retrieval(
-        QUERY_EMB, QUERY_LABELS, KEY_EMB, KEY_LABELS, ks=(1, 3), query_chunk=chunks[0], key_chunk=chunks[1]
+        QUERY_EMB, QUERY_LABELS, KEY_EMB, KEY_LABELS, ks=(1, 3), query_chunk=chunks[0], key_chunk=chunks[1],
+        missing_labels="exclude",
     )
     assert (result["n_queries"], result["n_queries_nan"], result["n_keys"], result["n_keys_nan"]) == (6, 1, 5, 1)
     for rank, expected in EXPECTED.items():
@@ -97,11 +98,45 @@ def test_hand_computed_example(chunks):
     assert result["species"]["n_keys_unlabelled"] == 1 and result["genus"]["n_keys_unlabelled"] == 0
 
 
+def test_missing_label_is_a_class_of_its_own_as_clibd_not_classified():
+    """CLIBD writes not_classified for a missing label and compares strings: Q4 (no species)
+    counts, and its nearest key K4 (no species either) is a hit. Species top-1: Q0 y, Q1 n, Q2 y,
+    Q3 n, Q4 y -> micro 3/5; macro (s0 1/2, s2 1/1, s3 0/1, missing 1/1) = 2.5/4. Top-3: Q1 now
+    hits (K0) -> micro 4/5, macro (1 + 1 + 0 + 1)/4."""
+    result = evaluate_retrieval(QUERY_EMB, QUERY_LABELS, KEY_EMB, KEY_LABELS, ks=(1, 3))  # the default: 'class'
+    species = result["species"]
+    assert species["micro_top1"] == pytest.approx(3 / 5) and species["macro_top1"] == pytest.approx(2.5 / 4)
+    assert species["micro_top3"] == pytest.approx(4 / 5) and species["macro_top3"] == pytest.approx(3 / 4)
+    assert (species["n_used"], species["n_unlabelled"], species["n_excluded_unlabelled"], species["n_classes"]) == (5, 1, 0, 4)
+    for rank in ("order", "family", "genus"):  # every query labelled there: both modes agree
+        for metric, value in EXPECTED[rank].items():
+            assert result[rank][metric] == pytest.approx(value), (rank, metric)
+    with pytest.raises(ValueError, match="unknown missing_labels 'drop'"):
+        evaluate_retrieval(QUERY_EMB, QUERY_LABELS, KEY_EMB, KEY_LABELS, missing_labels="drop")
+
+
+def test_overall_accuracy_is_the_mean_of_top1_micro_and_macro_seen_and_unseen_over_ranks_and_pairs():
+    """scripts/train_cl.py::compute_overall_acc on a crafted table; NaN cells are left out."""
+    from bioscan_jax.eval.retrieval import overall_accuracy
+
+    def cell(micro, macro):
+        return {"micro_top1": micro, "macro_top1": macro, "micro_top3": 1.0, "macro_top3": 1.0}
+
+    results = {"skipped_pairs": ["image_to_text"],
+               "dna_to_dna": {"seen": {"genus": cell(0.9, 0.8), "species": cell(0.7, 0.6)},
+                              "unseen": {"genus": cell(0.5, 0.4), "species": cell(0.3, float("nan"))}},
+               "image_to_dna": {"seen": {"genus": cell(0.2, 0.2), "species": cell(0.1, 0.1)},
+                                "unseen": {"genus": cell(0.0, 0.0), "species": cell(0.0, 0.0)}}}
+    want = (0.9 + 0.8 + 0.7 + 0.6 + 0.5 + 0.4 + 0.3 + 0.2 + 0.2 + 0.1 + 0.1) / 15
+    assert overall_accuracy(results, ("genus", "species")) == pytest.approx(want)
+
+
 def test_hand_computed_harmonic_mean():
-    seen = evaluate_retrieval(QUERY_EMB, QUERY_LABELS, KEY_EMB, KEY_LABELS, ks=(1,))
+    seen = evaluate_retrieval(QUERY_EMB, QUERY_LABELS, KEY_EMB, KEY_LABELS, ks=(1,), missing_labels="exclude")
     # "Unseen" queries: Q3 and Q4 only. Top-1: Q3 misses at every rank, Q4 hits order/family/genus.
     unseen = evaluate_retrieval(
-        QUERY_EMB[3:5], {r: v[3:5] for r, v in QUERY_LABELS.items()}, KEY_EMB, KEY_LABELS, ks=(1,)
+        QUERY_EMB[3:5], {r: v[3:5] for r, v in QUERY_LABELS.items()}, KEY_EMB, KEY_LABELS, ks=(1,),
+        missing_labels="exclude",
     )
     report = retrieval_report(seen, unseen)
     assert list(report) == list(EVAL_RANKS)
@@ -165,7 +200,8 @@ def test_evaluate_matches_brute_force_on_random_data():
     queries, keys = _random(120, 12, 5), _random(400, 12, 6)
     k_labels = {r: rng.integers(0, n, size=400) for r, n in zip(EVAL_RANKS, (3, 6, 12, 25), strict=True)}
     q_labels = {r: rng.integers(-1, n, size=120) for r, n in zip(EVAL_RANKS, (3, 6, 12, 25), strict=True)}
-    result = evaluate_retrieval(queries, q_labels, keys, k_labels, ks=(1, 3, 5), query_chunk=16, key_chunk=64)
+    result = evaluate_retrieval(queries, q_labels, keys, k_labels, ks=(1, 3, 5), query_chunk=16, key_chunk=64,
+                                missing_labels="exclude")
     sims = (queries / np.linalg.norm(queries, axis=1, keepdims=True)) @ (
         keys / np.linalg.norm(keys, axis=1, keepdims=True)
     ).T
@@ -200,7 +236,7 @@ def test_bad_input_errors():
         evaluate_retrieval(QUERY_EMB, QUERY_LABELS, KEY_EMB, KEY_LABELS, ks=(1, 5))  # 4 usable keys
     # A rank with no labelled query reports NaN with the count, not an error.
     unlabelled = dict(QUERY_LABELS, species=np.full(6, -1))
-    result = evaluate_retrieval(QUERY_EMB, unlabelled, KEY_EMB, KEY_LABELS, ks=(1,))
+    result = evaluate_retrieval(QUERY_EMB, unlabelled, KEY_EMB, KEY_LABELS, ks=(1,), missing_labels="exclude")
     assert result["species"]["n_used"] == 0 and result["species"]["n_excluded_unlabelled"] == 5
     assert np.isnan(result["species"]["macro_top1"])
 

@@ -388,7 +388,8 @@ def test_bad_rows_are_skipped_and_counted_per_reason(tmp_path):
     _edit_csv(root, edit)
     b = _build("dna", tmp_path / "out", root, on_bad_record="skip")
     skipped = b.info.metadata["skipped"]
-    assert skipped == {"malformed_row": 1, "unknown_split": 1, "duplicate_processid": 1, "missing_image": 0, "bad_image": 0}
+    assert skipped == {"malformed_row": 1, "unknown_split": 1, "duplicate_processid": 1, "bad_chunk": 0,
+                       "invalid_barcode": 0, "missing_image": 0, "bad_image": 0}
     assert "train" not in b.info.splits and b.info.metadata["missing_splits"] == ["train"]
     assert b.info.splits["val"].num_examples == 2
     assert b.info.splits.total_num_examples == 14

@@ -61,3 +61,65 @@ def test_run_py_exits_at_once_when_the_workdir_is_in_use(tmp_path):
     assert out.returncode != 0 and seconds < 60
     assert f"in use by pid {proc.pid}" in out.stderr
     assert not (tmp_path / "tfds").exists()  # refused before any data was built
+
+
+# ----------------------------------------------------------------------------- unusable workdirs
+
+
+@pytest.mark.parametrize("where, message", [
+    ("file", "workdir {w} is a file, not a directory; use another --workdir"),
+    ("file/sub", "workdir {w}: {f} is a file, not a directory; use another --workdir"),
+], ids=["workdir-is-a-file", "parent-is-a-file"])
+def test_run_py_names_a_workdir_that_is_a_file_in_one_line_before_any_data(tmp_path, where, message):
+    (tmp_path / "file").write_text("not a directory")
+    workdir = tmp_path / where
+    out = subprocess.run([sys.executable, "run.py", "--config=configs/barcodebert.py", f"--workdir={workdir}",
+                          f"--config.data.data_dir={tmp_path / 'tfds'}"], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().splitlines()[-1] == "run.py: " + message.format(w=workdir, f=tmp_path / "file")
+    assert not (tmp_path / "tfds").exists()  # refused before any data was built
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A real read-only file system (a tmpfs mounted ``ro``; as root, chmod does not stop writes)."""
+    mount_point = tmp_path / "ro"
+    mount_point.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount_point)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here ({done.stderr.strip() or done.returncode})")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+@pytest.mark.parametrize("sub", ["", "new"], ids=["existing", "to-create"])
+def test_read_only_workdir_is_one_line(read_only_dir, sub):
+    workdir = read_only_dir / sub if sub else read_only_dir
+    with pytest.raises(workdir_lock.WorkdirError) as e:
+        workdir_lock.acquire(workdir)
+    assert str(e.value) == f"workdir {workdir} is not writable (read-only file system); use another --workdir"
+
+
+def test_workdir_problem_turns_each_os_error_into_one_line(tmp_path):
+    import errno
+
+    w = tmp_path / "w"
+    problem = workdir_lock.workdir_problem
+    assert problem(w, OSError(errno.EROFS, "Read-only file system")) == \
+        f"workdir {w} is not writable (read-only file system); use another --workdir"
+    assert problem(w, PermissionError(errno.EACCES, "Permission denied")).startswith(
+        f"workdir {w} is not writable (permission denied)")
+    assert "no space left" in problem(w, OSError(errno.ENOSPC, "No space left on device"))
+    assert problem(w, OSError(errno.EIO, "Input/output error")) == \
+        f"workdir {w} cannot be used (Input/output error); use another --workdir"
+    (tmp_path / "f").write_text("")
+    assert problem(tmp_path / "f", FileExistsError(errno.EEXIST, "File exists")) == \
+        f"workdir {tmp_path / 'f'} is a file, not a directory; use another --workdir"
+    (w / workdir_lock.LOCK_FILE).mkdir(parents=True)  # a directory where the lock file goes
+    with pytest.raises(workdir_lock.WorkdirError, match="is a directory"):
+        workdir_lock.acquire(w)

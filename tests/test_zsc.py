@@ -311,3 +311,12 @@ def test_imported_barcodebert_weights(tmp_path):
     want = np.asarray(src.bert(ids, mask)[1]["pooled"])
     np.testing.assert_allclose(np.asarray(enc.embed_fn(enc.model, {"ids": ids, "attention_mask": mask})), want,
                                rtol=1e-5, atol=1e-5)
+
+
+def test_processid_order_sorts_within_each_partition_in_the_named_order():
+    from bioscan_jax.eval import zsc_eval
+
+    processid = np.asarray(["B2", "A9", "C1", "A1", "B1"])
+    partition = np.asarray(["test_unseen", "test", "test", "test_unseen", "test"])
+    order = zsc_eval.processid_order(processid, partition, "test+test_unseen")
+    assert processid[order].tolist() == ["A9", "B1", "C1", "A1", "B2"]

@@ -69,16 +69,20 @@ _WORD = "embeddings.word_embeddings.weight"
 class Protocol:
     """How a checkpoint's own probe turns a barcode into an embedding."""
 
-    strip_trailing_n: bool
+    tokenization: str  # a name of dna.TOKENIZATION_PROTOCOLS
     masked_mean: bool  # False: mean over all tokens, no attention mask
     name: str
 
+    @property
+    def strip_trailing_n(self) -> bool:
+        return dna_lib.TOKENIZATION_PROTOCOLS[self.tokenization].strip_trailing_n
+
     def tokenizer(self, k: int, max_nucleotides: int = 660) -> dna_lib.KmerTokenizer:
-        return dna_lib.KmerTokenizer(k, max_nucleotides=max_nucleotides, strip_trailing_n=self.strip_trailing_n)
+        return dna_lib.tokenizer_for(self.tokenization, k, max_nucleotides=max_nucleotides)
 
 
-BIOSCAN5M_PROTOCOL = Protocol(strip_trailing_n=True, masked_mean=True, name="bioscan5m")
-V1_PROTOCOL = Protocol(strip_trailing_n=False, masked_mean=False, name="v1")
+BIOSCAN5M_PROTOCOL = Protocol(tokenization="bioscan5m", masked_mean=True, name="bioscan5m")
+V1_PROTOCOL = Protocol(tokenization="v1", masked_mean=False, name="v1")
 
 
 @dataclasses.dataclass

@@ -38,6 +38,7 @@ same rules, kept as the executable specification for parity tests and benchmarks
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import sys
@@ -52,6 +53,9 @@ import pandas as pd
 from bioscan_jax.data.schema import MAX_NUCLEOTIDES
 
 __all__ = [
+    "TOKENIZATION_PROTOCOLS",
+    "TokenizerProtocol",
+    "tokenizer_for",
     "MASK_ID",
     "UNK_ID",
     "NUM_SPECIAL",
@@ -816,6 +820,57 @@ class KmerTokenizer:
     def mlm_targets(self, ids, masked_positions=None, *, masked_only: bool = False):
         """:func:`mlm_targets` with this tokenizer's k."""
         return mlm_targets(ids, masked_positions, masked_only=masked_only, k=self.k)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerProtocol:
+    """How a model family turns a barcode into token ids: the rules that belong to the model,
+    not to the task that happens to train or evaluate it.
+
+    The vocabulary layout (``[MASK]``, ``[UNK]``, k-mers in product order) is this module's for
+    every protocol: checkpoints with another layout (v1's ``<MASK>``, ``<CLS>``, ``<UNK>``) have
+    their embedding rows mapped when loaded (:mod:`bioscan_jax.convert.barcodebert`), and CLIBD's
+    prepended id 0 is added by its DNA tower (:mod:`bioscan_jax.models.towers`).
+    """
+
+    name: str
+    #: remove trailing N from the whole barcode before the cut to ``max_nucleotides``
+    strip_trailing_n: bool
+    #: where the rule comes from (reference repository, file, function)
+    source: str
+
+
+#: The tokenisation protocols of the references, by name (``config.model.tokenization``).
+TOKENIZATION_PROTOCOLS: dict[str, TokenizerProtocol] = {
+    p.name: p
+    for p in (
+        TokenizerProtocol(
+            "bioscan5m", strip_trailing_n=True,
+            source="BarcodeBERT (BIOSCAN-5M branch) data/data_split.py: dna_barcode.str.rstrip('N') before "
+                   "barcodebert/datasets.py::KmerTokenizer; zs-ssl-clustering strips every DNA encoder's input"),
+        TokenizerProtocol(
+            "v1", strip_trailing_n=False,
+            source="BarcodeBERT v1 and CLIBD (bioscanclip/model/dna_encoder.py): the barcode as stored, cut or "
+                   "padded with N to 660 nt"),
+    )
+}
+
+
+def tokenizer_for(
+    protocol: str | TokenizerProtocol,
+    k: int,
+    *,
+    max_nucleotides: int = MAX_NUCLEOTIDES,
+    stride: int | None = None,
+) -> KmerTokenizer:
+    """The tokenizer of a model protocol (:data:`TOKENIZATION_PROTOCOLS`): the one place the
+    library builds a :class:`KmerTokenizer`. ``stride`` other than ``k`` is for k-mer profiles
+    (overlapping windows), not for a BarcodeBERT model."""
+    if isinstance(protocol, str):
+        if protocol not in TOKENIZATION_PROTOCOLS:
+            raise ValueError(f"unknown tokenization protocol {protocol!r}; valid: {', '.join(TOKENIZATION_PROTOCOLS)}")
+        protocol = TOKENIZATION_PROTOCOLS[protocol]
+    return KmerTokenizer(k, stride=stride, max_nucleotides=max_nucleotides, strip_trailing_n=protocol.strip_trailing_n)
 
 
 def _offset_groups(offsets: np.ndarray) -> list[tuple[int, np.ndarray]]:

@@ -199,8 +199,13 @@ def records_pipeline(
     shard: ShardArg = "jax",
     num_epochs: int | None = None,
     features: Sequence[str] | None = None,
+    reshuffle_each_epoch: bool = True,
 ) -> grain.MapDataset:
     """Shard -> shuffle (training) -> repeat -> :class:`NormalizeRecord` over a source.
+
+    ``reshuffle_each_epoch=False`` (training): one seeded order, repeated by every epoch, as a
+    torch ``DistributedSampler(shuffle=True)`` that is never given ``set_epoch`` (CLIBD's
+    ``bioscanclip/util/dataset.py``); ``True``: a new order each epoch (grain's shuffle).
 
     ``num_epochs=None``: repeat forever when training, one pass otherwise. With
     ``shard='jax'`` each JAX process reads ``1/process_count`` of the records (the
@@ -210,7 +215,7 @@ def records_pipeline(
     """
     if len(source) == 0:
         raise ValueError("empty source")
-    if features is not None and hasattr(source, "select"):
+    if features is not None and getattr(source, "features", None) is not None:  # a RecordSource (or a view of one)
         source = source.select([f for f in dict.fromkeys(features) if f in source.features])
     ds = grain.MapDataset.source(source).seed(seed)
     if not train:
@@ -223,12 +228,25 @@ def records_pipeline(
         ds = ds[options.shard_index :: options.shard_count]
         if len(ds) == 0:
             raise ValueError(f"shard {options.shard_index}/{options.shard_count} of {n} records is empty")
-    if train:
+    if train and reshuffle_each_epoch:
         ds = ds.shuffle()
+    elif train:
+        order = np.random.default_rng(seed).permutation(len(ds))
+        ds = grain.MapDataset.range(len(ds)).map(_Reorder(ds, order))
     epochs = num_epochs if num_epochs is not None else (None if train else 1)
     if epochs != 1:
         ds = ds.repeat(epochs)
     return ds.map(NormalizeRecord())
+
+
+class _Reorder:
+    """``i -> dataset[order[i]]``: a fixed permutation of a map dataset (picklable for workers)."""
+
+    def __init__(self, dataset: grain.MapDataset, order: np.ndarray):
+        self.dataset, self.order = dataset, order
+
+    def __call__(self, i: int):
+        return self.dataset[int(self.order[i])]
 
 
 def _finish(ds: grain.MapDataset, *, worker_count: int, read_threads: int | None, prefetch: int | None,
@@ -356,8 +374,10 @@ def clibd_pipeline(
     read_threads: int | None = None,
     prefetch: int | None = None,
     keep: Sequence[str] = (),
+    reshuffle_each_epoch: bool = True,
 ) -> grain.IterDataset:
-    """CLIBD batches: image view, tokenised DNA, taxonomy text ids and labels per rank."""
+    """CLIBD batches: image view, tokenised DNA, taxonomy text ids and labels per rank
+    (``reshuffle_each_epoch``: :func:`records_pipeline`)."""
     for rank in label_ranks:
         _check_fields("label_ranks", rank, fields.INDEX_FEATURES)
     passthrough = tuple(
@@ -369,7 +389,8 @@ def clibd_pipeline(
         )
     )
     needed = [fields.IMAGE, *passthrough]
-    ds = records_pipeline(source, train=train, seed=seed, shard=shard, num_epochs=num_epochs, features=needed)
+    ds = records_pipeline(source, train=train, seed=seed, shard=shard, num_epochs=num_epochs, features=needed,
+                          reshuffle_each_epoch=reshuffle_each_epoch)
     ds = ds.random_map(ImageRecord(train=train, crop=image_size, resize=resize, normalize=normalize, passthrough=passthrough))
     ds = ds.batch(batch_size, drop_remainder=train if drop_remainder is None else drop_remainder, batch_fn=list)
     dna = DnaBatch(tokenizer, random_offset=dna_random_offset, mlm=False, mask_prob=0.0, masked_only=False,

@@ -62,6 +62,16 @@ class Subset(collections.abc.Sequence):
         getitems = getattr(self._source, "__getitems__", None)
         return getitems(picked) if getitems else [self._source[i] for i in picked]
 
+    @property
+    def features(self):
+        return getattr(self._source, "features", None)
+
+    def select(self, features: Sequence[str]) -> "Subset":
+        """The same view over ``source.select(features)`` (a source that parses only those), or
+        this view when the source reads whole records anyway (a list of dicts)."""
+        inner = getattr(self._source, "select", None)
+        return Subset(inner(features), self._indices) if inner is not None else self
+
 
 def reference_dedup(source: Sequence[Mapping[str, Any]]) -> Sequence[Mapping[str, Any]]:
     """The records of ``source`` that BarcodeBERT's evaluation data keeps: the first row of each

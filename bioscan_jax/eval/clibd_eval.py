@@ -210,31 +210,51 @@ def evaluate(config, model: towers.ClibdModel, setup, batches: EvalBatches | Non
     embeddings, labels, excluded = embed_splits(config, model, setup, batches, splits)
     results = retrieval.clibd_retrieval(
         embeddings, labels, pairs=retrieval_pairs(config), key_splits=keys, query_splits=(seen, unseen),
-        ks=tuple(config.eval.ks), ranks=ranks)
+        ks=tuple(config.eval.ks), ranks=ranks, missing_labels=str(config.eval.missing_labels))
     results["excluded"] = excluded
     return results
+
+
+#: CLIBD's model-selection score on the validation queries (``compute_overall_acc``).
+OVERALL_METRIC = "val/overall_acc"
+#: Where the best-on-validation parameters are kept, under the run's ``train/``.
+BEST_VAL_DIR = "best_val"
 
 
 class ValRetrieval:
     """The evaluator CLIBD training runs (:class:`bioscan_jax.train.loop.Evaluator`): retrieval
     of the validation queries (``config.eval.val_query_splits``, BIOSCAN-5M ``val`` and
     ``val_unseen``) against the keys, reported as
-    ``val/<pair>/<rank>_macro_top1_{seen,unseen,hm}`` at the headline rank (species). The test
-    splits are never read during training."""
+    ``val/<pair>/<rank>_macro_top1_{seen,unseen,hm}`` at the headline rank (species), and
+    :data:`OVERALL_METRIC`, CLIBD's model-selection score (:func:`retrieval.overall_accuracy`). The
+    test splits are never read during training.
 
-    def __init__(self, config, setup, batches: EvalBatches):
+    As ``scripts/train_cl.py``, it evaluates only after ``config.eval.eval_skip_epoch``: at the end
+    of 0-based epoch ``e`` when ``e > eval_skip_epoch`` (and after the last step); other calls
+    return nothing (``steps_per_epoch`` turns steps into epochs)."""
+
+    def __init__(self, config, setup, batches: EvalBatches, *, steps_per_epoch: int):
         if VAL_QUERIES not in sources.retrieval_query_fields(config.eval):  # also: no test split among them
             raise ValueError("config.eval.val_query_splits is empty: there is nothing to validate on")
         self.config, self.setup, self.batches = config, setup, batches
         self.rank = retrieval.headline_rank(tuple(config.eval.ranks))
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.skip_epoch = int(config.eval.eval_skip_epoch)
+
+    def epoch_of(self, step: int) -> int:
+        """The 0-based epoch that ``step`` ends (or lies in)."""
+        return max(0, -(-int(step) // self.steps_per_epoch) - 1)
 
     def curve_metrics(self) -> list[str]:
         """The names of the harmonic means it logs, one per pair (the training-curve plot)."""
         return [f"val/{q}_to_{k}/{self.rank}_macro_top1_hm" for q, k in retrieval_pairs(self.config)]
 
     def run(self, model, step: int) -> dict[str, float]:
+        if self.epoch_of(step) <= self.skip_epoch:
+            return {}
         results = evaluate(self.config, model, self.setup, self.batches, queries=VAL_QUERIES)
-        out = {}
+        out = {OVERALL_METRIC: retrieval.overall_accuracy(results, tuple(self.config.eval.ranks)),
+               "val/epoch": float(self.epoch_of(step))}
         for pair in retrieval.pair_names(results):
             cell = results[pair]["report"].get(self.rank, {}).get("macro_top1", {})
             for which in ("seen", "unseen", "hm"):

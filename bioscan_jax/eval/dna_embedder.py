@@ -19,7 +19,6 @@ dropped.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -28,6 +27,7 @@ import numpy as np
 
 from bioscan_jax.data import dna as dna_lib
 from bioscan_jax.data.pipeline import ROW
+from bioscan_jax.eval.embedded import Embedded, is_ok
 
 #: Statuses of records without an embedding.
 NO_BARCODE, NO_VALID_BASES, NO_KMER = "no barcode", "no valid bases", "no complete k-mer"
@@ -51,16 +51,6 @@ def _statuses(names: Sequence[str], seqs: Sequence[Any], report: dict[str, Any])
     return out
 
 
-@dataclasses.dataclass
-class Embedded:
-    embeddings: np.ndarray  # [n, d] float32, NaN rows where status is not ok
-    status: list[str]
-
-    @property
-    def ok(self) -> np.ndarray:
-        return np.asarray([s.startswith("ok") for s in self.status])
-
-
 class KmerEmbedder:
     """Frequencies of the overlapping k-mers (stride 1) of each barcode, trailing N stripped."""
 
@@ -68,7 +58,7 @@ class KmerEmbedder:
         if not 1 <= k <= 8:
             raise ValueError(f"kmer:{k}: k must be in 1..8")
         self.k, self.name = k, f"kmer:{k}"
-        self.tokenizer = dna_lib.KmerTokenizer(k, stride=1, max_nucleotides=max_nucleotides, strip_trailing_n=True)
+        self.tokenizer = dna_lib.tokenizer_for("bioscan5m", k, stride=1, max_nucleotides=max_nucleotides)
         self.dim = 4**k
         self.describe = {"spec": self.name, "kind": "kmer", "k": k, "stride": 1}
 
@@ -83,7 +73,10 @@ class KmerEmbedder:
             counts = dna_lib.kmer_counts(np.where(mask, tok_ids, dna_lib.UNK_ID), self.k, dtype=np.float32)
             status = _statuses(part_names, part, report)
             total = counts.sum(1, keepdims=True)
-            ok = np.asarray([s.startswith("ok") for s in status]) & (total[:, 0] > 0)
+            ok = is_ok(status)
+            for i in np.flatnonzero(ok & (total[:, 0] == 0)):  # every window holds a gap or an N
+                status[i] = NO_KMER
+            ok &= total[:, 0] > 0
             out[start:start + len(part)][ok] = counts[ok] / total[ok]
             statuses.extend(status)
         return Embedded(out, statuses)
@@ -114,7 +107,7 @@ class BertEmbedder:
         names = [str(i) for i in ids]
         tok_ids, mask, report = self.tokenizer.tokenize(list(seqs), names=names, errors="count")
         status = _statuses(names, seqs, report)
-        ok = np.flatnonzero([s.startswith("ok") for s in status])
+        ok = np.flatnonzero(is_ok(status))
         out = np.full((len(seqs), self.dim), np.nan, np.float32)
         if ok.size:
             mesh = mesh_lib.make_mesh(dict(data=-1, fsdp=1, tensor=1))

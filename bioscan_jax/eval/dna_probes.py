@@ -118,8 +118,7 @@ def kmer_baseline(config, data: sources.Splits) -> dict[str, Any]:
     """1-NN accuracy (``probe.knn_rank``) of k-mer count vectors (cosine), keys and queries as the
     probe's."""
     k = int(config.probe.kmer_baseline_k)
-    tok = dna_lib.KmerTokenizer(k, max_nucleotides=config.data.max_nucleotides,
-                                strip_trailing_n=bool(config.data.strip_trailing_n))
+    tok = dna_lib.tokenizer_for(config.model.tokenization, k, max_nucleotides=config.data.max_nucleotides)
 
     def counts(split):
         records = data[split]

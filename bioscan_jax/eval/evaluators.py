@@ -106,6 +106,8 @@ class KeepBest:
 
     def run(self, model: nnx.Module, step: int) -> Mapping[str, Any]:
         results = self.evaluator.run(model, step)
+        if self.metric not in results:  # the evaluator did not score this step (e.g. a skipped epoch)
+            return results
         value = float(results[self.metric])
         params = nnx.state(model, nnx.Param).to_pure_dict()
         best = self._best_of(params)

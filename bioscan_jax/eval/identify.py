@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from bioscan_jax.eval.embedded import check_searchable
 from bioscan_jax.eval.knn import nearest_keys
 
 RANKS = ("order", "family", "genus", "species")
@@ -94,6 +95,8 @@ def identify(reference: Reference, ids: Sequence[str], embedded, *, threshold: f
     ok = embedded.ok
     q = embedded.embeddings[ok]
     rows: dict[str, Any] = {"id": np.asarray(ids, dtype=str)}
+    check_searchable(q, rows["id"][ok], "identify: queries")
+    check_searchable(reference.embeddings, reference.ids, f"identify: reference {reference.source}")
     n = len(rows["id"])
     searches: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}  # one search per distinct key set
 

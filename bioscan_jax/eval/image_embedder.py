@@ -22,7 +22,7 @@ import pandas as pd
 from flax import nnx
 
 from bioscan_jax.data import images as images_lib
-from bioscan_jax.eval.dna_embedder import Embedded
+from bioscan_jax.eval.embedded import Embedded
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 PATH_COLUMNS = ("path", "image_path", "file")

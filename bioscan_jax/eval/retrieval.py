@@ -14,8 +14,15 @@ Protocol (BIOSCAN-CLIBD):
 * micro = fraction of queries that are hits; macro = mean over the classes present in the
   queries of the per-class hit rate; H.M. = ``2 / (1/seen + 1/unseen)`` (0 if either is 0).
 
-Bad input is counted, never dropped silently: queries whose label at a rank is missing
-(:data:`MISSING_INDEX`) are left out of that rank's metrics (``n_excluded_unlabelled``);
+Missing labels (``missing_labels``): ``'class'`` (CLIBD's, the default) makes a missing label at
+a rank a class of its own, as CLIBD's HDF5 build writes ``not_classified``
+(``generate_hdf5_file_5m.py::replace_non_with_not_classified``) and its metrics compare strings
+(``util.py::top_k_micro_accuracy``, ``top_k_macro_accuracy``): such a query counts, and it is a
+hit when its nearest key is unlabelled too; ``n_unlabelled`` counts them. With ``'exclude'``
+queries whose label at a rank is missing are left out of that rank's metrics
+(``n_excluded_unlabelled``).
+
+Bad input is counted, never dropped silently:
 queries and keys with a non-finite embedding (failed decode, missing DNA) are left out of
 everything (``n_queries_nan``, ``n_keys_nan``). Keys without a label at a rank stay in the key
 set (retrieval does not depend on the rank); a query whose nearest key is unlabelled at that
@@ -46,6 +53,8 @@ KEY_SPLITS: tuple[str, ...] = ("train", "key_unseen")
 TEST_QUERY_SPLITS: tuple[str, str] = ("test", "test_unseen")
 #: Metrics reported per rank, for ``ks``.
 DEFAULT_KS: tuple[int, ...] = (1, 3, 5)
+#: How a query without a label at a rank is scored (module docstring).
+MISSING_LABELS: tuple[str, ...] = ("class", "exclude")
 
 
 def pair_name(query_modality: str, key_modality: str) -> str:
@@ -98,6 +107,7 @@ def evaluate_retrieval(
     key_split: str = "keys",
     query_chunk: int = 1024,
     key_chunk: int = 16384,
+    missing_labels: str = "class",
 ) -> dict[str, Any]:
     """Nearest-key classification accuracy of one query set against one key set.
 
@@ -110,14 +120,17 @@ def evaluate_retrieval(
       ranks: ranks to score; each must be in both label dicts.
       query_split, key_split: names used in error messages and nowhere else.
       query_chunk, key_chunk: block sizes of the search (memory ``O(query_chunk * key_chunk)``).
+      missing_labels: ``'class'`` or ``'exclude'`` (module docstring).
 
     Returns:
-      ``{rank: {"micro_top{k}", "macro_top{k}", "n_used", "n_excluded",
+      ``{rank: {"micro_top{k}", "macro_top{k}", "n_used", "n_excluded", "n_unlabelled",
       "n_excluded_unlabelled", "n_excluded_nan", "n_classes", "n_keys_unlabelled"}, ...,
       "n_queries", "n_queries_nan", "n_keys", "n_keys_nan"}``. A rank with no usable query has
       NaN accuracies and ``n_used == 0``.
     """
     ks = tuple(int(k) for k in ks)
+    if missing_labels not in MISSING_LABELS:
+        raise ValueError(f"unknown missing_labels {missing_labels!r}; valid: {', '.join(MISSING_LABELS)}")
     if not ks or min(ks) < 1:
         raise ValueError(f"ks must be positive integers, got {ks}")
     query_emb, key_emb = jnp.asarray(query_emb), jnp.asarray(key_emb)
@@ -162,14 +175,16 @@ def evaluate_retrieval(
         key_true = np.asarray(key_labels[rank]).astype(np.int64)
         pred = key_true[indices]  # [Q, max_k]
         labelled = true != MISSING_INDEX
-        used = query_ok & labelled
+        # 'class': MISSING_INDEX is a label like any other, so it matches an unlabelled key
+        used = query_ok & labelled if missing_labels == "exclude" else query_ok
         hits = np.stack(
             [np.any(pred[used, :k] == true[used, None], axis=1) for k in ks], axis=1
         )
         metrics = _per_rank_metrics(hits, true[used], ks)
         metrics.update(
             n_used=int(used.sum()),
-            n_excluded_unlabelled=int((query_ok & ~labelled).sum()),
+            n_unlabelled=int((query_ok & ~labelled).sum()),
+            n_excluded_unlabelled=int((query_ok & ~labelled & ~used).sum()),
             n_excluded_nan=int((~query_ok).sum()),
             n_classes=int(np.unique(true[used]).size),
             n_keys_unlabelled=int((key_ok & (key_true == MISSING_INDEX)).sum()),
@@ -223,6 +238,7 @@ def clibd_retrieval(
     ranks: Sequence[str] = EVAL_RANKS,
     query_chunk: int = 1024,
     key_chunk: int = 16384,
+    missing_labels: str = "class",
 ) -> dict[str, Any]:
     """The full CLIBD retrieval benchmark for every query -> key modality pair.
 
@@ -267,6 +283,7 @@ def clibd_retrieval(
                 key_split=f"{key_name} ({k_mod})",
                 query_chunk=query_chunk,
                 key_chunk=key_chunk,
+                missing_labels=missing_labels,
             )
         results["report"] = retrieval_report(results["seen"], results["unseen"], ranks=ranks)
         out[pair_name(q_mod, k_mod)] = results
@@ -293,6 +310,20 @@ def embed_batches(
     if not out:
         raise ValueError("embed_batches: no batches")
     return np.concatenate(out, axis=0)
+
+
+def overall_accuracy(results: Mapping[str, Any], ranks: Sequence[str]) -> float:
+    """CLIBD's model-selection score (``scripts/train_cl.py::compute_overall_acc``): the plain mean
+    of top-1 micro and macro accuracy, seen and unseen, at every rank, over every evaluated
+    query -> key pair of :func:`clibd_retrieval`'s ``results``. NaN cells (a rank with no usable
+    query) are left out; NaN when nothing is left."""
+    values = [results[pair][which][rank][metric]
+              for pair in pair_names(results)
+              for which in ("seen", "unseen")
+              for rank in ranks
+              for metric in ("micro_top1", "macro_top1")]
+    values = [float(v) for v in values if np.isfinite(v)]
+    return float(np.mean(values)) if values else float("nan")
 
 
 def headline_rank(ranks: Sequence[str]) -> str:

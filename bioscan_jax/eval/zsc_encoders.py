@@ -139,7 +139,8 @@ def dna_batches(k: int, max_nucleotides: int, stride: int | None = None, frames:
     ``frames > 1``: ``ids``/``attention_mask`` are ``[B, frames, T]``, the read tokenised after
     dropping its first 0, 1, ... ``frames - 1`` nucleotides (its reading frames).
     """
-    tokenizer = dna_lib.KmerTokenizer(k, stride=stride, max_nucleotides=max_nucleotides, strip_trailing_n=True)
+    # zs-ssl-clustering strips trailing N from every DNA encoder's input: the bioscan5m rule
+    tokenizer = dna_lib.tokenizer_for("bioscan5m", k, stride=stride, max_nucleotides=max_nucleotides)
     barcode = fields.feature_name("dna_barcode")
 
     def reading_frames(batch):

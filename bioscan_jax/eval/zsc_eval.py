@@ -40,6 +40,18 @@ def split_records(source) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray
     return processid, labels, partition
 
 
+def processid_order(processid: np.ndarray, partition: np.ndarray, split: str) -> np.ndarray:
+    """The record order of zs-ssl-clustering: sorted by ``processid`` within each partition,
+    partitions in the order the split expression names them (``test+test_unseen``: test first).
+    ``zs_ssl_clustering/datasets/bioscan5m.py::_load_metadata`` sorts the metadata by processid
+    right after reading it (~L196; commit 2f4470b: "needed to reproduce"), and ``io.py`` stacks the
+    partitions in the order given."""
+    parts = [p for p in split.split("+") if p]
+    rank = {p: i for i, p in enumerate(parts)}
+    key = np.asarray([rank.get(p, len(parts)) for p in partition])
+    return np.lexsort((processid, key))
+
+
 def check_clusterable(labels: Mapping[str, np.ndarray], split: str, config) -> int:
     """Raises ``ValueError`` when the split cannot be clustered as configured; returns #species."""
     n = len(labels["species"])

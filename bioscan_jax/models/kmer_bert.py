@@ -171,11 +171,14 @@ class KmerBertClassifier(nnx.Module):
         self.pooling = pooling
         self.bert = KmerBert(config, rngs=rngs)
         self.head_dropout = layers.Dropout(head_dropout, rngs=rngs)
+        # finetuning.py creates the head with nn.Linear after loading the encoder: torch's default init
+        kernel_init, bias_init = layers.torch_linear_inits(config.hidden_size)
         self.head = layers.DenseGeneral(
             config.hidden_size,
             num_classes,
             kernel_axes=("embed", "classes"),
-            kernel_init=nnx.initializers.normal(config.initializer_range),
+            kernel_init=kernel_init,
+            bias_init=bias_init,
             param_dtype=config.param_dtype,
             rngs=rngs,
         )

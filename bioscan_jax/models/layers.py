@@ -73,6 +73,19 @@ zeros_init = nnx.initializers.zeros_init()
 ones_init = nnx.initializers.ones_init()
 
 
+def torch_linear_inits(fan_in: int) -> tuple[Callable[..., Array], Callable[..., Array]]:
+    """``(kernel_init, bias_init)`` of torch's ``nn.Linear`` default (``reset_parameters``:
+    ``kaiming_uniform_(a=sqrt(5))`` for the weight, ``U(±1/sqrt(fan_in))`` for the bias), i.e.
+    both ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``: the init of every layer the references create
+    with ``nn.Linear`` after their pretrained weights are loaded."""
+    bound = 1.0 / float(fan_in) ** 0.5
+
+    def uniform(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return uniform, uniform
+
+
 def _eager_sharding_possible() -> bool:
     """Shard parameters at creation only when a mesh and logical rules are both in context."""
     try:

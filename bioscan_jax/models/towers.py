@@ -106,10 +106,12 @@ def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
 
 
 def _projection(in_dim: int, embed_dim: int, param_dtype: Any, rngs: nnx.Rngs) -> layers.DenseGeneral:
-    return layers.DenseGeneral(
-        in_dim, embed_dim, kernel_axes=("embed", None),
-        kernel_init=nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
-        param_dtype=param_dtype, rngs=rngs)
+    """A tower's projection with torch's ``nn.Linear`` default init, as CLIBD creates each: timm's
+    ``reset_classifier(768)`` (image), ``nn.Linear(768, 768)`` in ``dna_encoder.py`` (DNA decoder),
+    ``proj`` in ``language_encoder.py`` (text)."""
+    kernel_init, bias_init = layers.torch_linear_inits(in_dim)
+    return layers.DenseGeneral(in_dim, embed_dim, kernel_axes=("embed", None), kernel_init=kernel_init,
+                               bias_init=bias_init, param_dtype=param_dtype, rngs=rngs)
 
 
 class ImageTower(nnx.Module):

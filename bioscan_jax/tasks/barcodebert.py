@@ -200,13 +200,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if config.finetune.get("pooling", "masked_mean") not in kmer_bert.POOLINGS:
         raise ValueError(f"unknown config.finetune.pooling {config.finetune.pooling!r}; "
                          f"valid: {', '.join(kmer_bert.POOLINGS)}")
-    tokenizer = dna_lib.KmerTokenizer(model_cfg.k, max_nucleotides=config.data.max_nucleotides,
-                                      strip_trailing_n=bool(config.data.strip_trailing_n))
+    tokenizer = dna_lib.tokenizer_for(config.model.tokenization, model_cfg.k,
+                                      max_nucleotides=config.data.max_nucleotides)
     data = open_data(config)
     summary: dict[str, Any] = {"data": data.description, "model": config.model.variant, "k": model_cfg.k,
                                "model_config": config.model.to_dict(),
                                "dedup_barcodes": bool(config.data.dedup_barcodes),
-                               "strip_trailing_n": bool(config.data.strip_trailing_n),
+                               "tokenization": str(config.model.tokenization),
                                "split_sizes": data.sizes, "eval_sets": evaluated_sets(config, data)}
     logger.info("data %s: %s", data.description, summary["split_sizes"])
     check_batches_fit(config, data, wanted)

@@ -48,12 +48,15 @@ import json
 import logging
 import os
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
 
 from bioscan_jax.data import sources
+from bioscan_jax.checkpoint import complete_steps
 from bioscan_jax.eval import clibd_eval
+from bioscan_jax.eval import evaluators as evaluators_lib
 from bioscan_jax.eval import report as report_lib
 from bioscan_jax.eval import retrieval
 from bioscan_jax.train import clibd as clibd_train
@@ -61,6 +64,42 @@ from bioscan_jax.train import curves
 from bioscan_jax.train.state import make_rngs
 
 logger = logging.getLogger(__name__)
+
+def _validation(config, setup, batches, workdir: str):
+    """The validation retrieval and the keeper of its best model (``train/best_val``), cleared
+    when training starts from step 0 (a fresh run keeps nothing of an earlier one)."""
+    val = clibd_eval.ValRetrieval(config, setup, batches, steps_per_epoch=clibd_train.steps_per_epoch(config, setup))
+    keeper = evaluators_lib.KeepBest(val, os.path.join(workdir, "train", clibd_eval.BEST_VAL_DIR),
+                                     metric=clibd_eval.OVERALL_METRIC)
+    if config.get("resume", "auto") == "restart" or not complete_steps(os.path.join(workdir, "train", "checkpoints")):
+        keeper.clear()
+    return val, keeper
+
+
+def _select(config, model, keeper, val) -> dict[str, Any]:
+    """Loads the model the test evaluation reports into ``model``: with ``eval.select='best_val'``
+    the best on validation by CLIBD's ``compute_overall_acc`` (``scripts/train_cl.py`` keeps
+    ``best.pth`` so and ``inference_and_eval.py`` loads it), else the last step's."""
+    select = str(config.eval.select)
+    if select == "best_val" and keeper is not None and keeper.best(model) is not None:
+        step, value = keeper.restore_into(model)
+        return {"select": "best_val", "step": int(step), "epoch": val.epoch_of(step), "metric": keeper.metric,
+                "value": float(value)}
+    reason = ("config.eval.select='last'" if select == "last" else
+              "no validation queries" if keeper is None else
+              f"no validation after epoch {int(config.eval.eval_skip_epoch)} (config.eval.eval_skip_epoch)")
+    if select == "best_val":
+        logger.warning("CLIBD: the test evaluation uses the last step's model: %s", reason)
+    return {"select": "last", "reason": reason}
+
+
+def selection_note(selection: Mapping[str, Any]) -> str:
+    """One line saying which model the tables are of."""
+    if selection.get("select") == "best_val":
+        return (f"Model: best on validation (epoch {selection['epoch']}, step {selection['step']}, "
+                f"{selection['metric']} = {selection['value']:.4f}).")
+    return f"Model: the last step's ({selection.get('reason', '')})."
+
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Baseline (optional) → training → retrieval evaluation → report; returns the summary.
@@ -100,9 +139,10 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         del baseline
     if not validate:
         logger.info("CLIBD training reports no validation retrieval: config.eval.val_query_splits is empty")
-    evaluators = [clibd_eval.ValRetrieval(config, setup, batches)] if validate else []
+    val, keeper = _validation(config, setup, batches, workdir) if validate else (None, None)
     model, summary["train"] = clibd_train.train_clibd(config, workdir, setup=setup, pretrained=pretrained,
-                                                      evaluators=evaluators)
+                                                      evaluators=[keeper] if keeper is not None else [])
+    summary["model_selection"] = _select(config, model, keeper, val)
     t0 = time.perf_counter()
     by_setting[clibd_train.setting_name(mods)] = clibd_eval.evaluate(config, model, setup, batches)
     summary["eval_seconds"] = time.perf_counter() - t0
@@ -111,8 +151,10 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         setting: {p: res[p]["report"].get("species", {}).get("macro_top1") for p in retrieval.pair_names(res)}
         for setting, res in by_setting.items()}
     text = report_lib.write_report(workdir, by_setting, ranks, {"key_splits": list(keys), "query_splits": list(queries),
+                                                                "model_selection": summary["model_selection"],
                                                                 "summary": summary})
-    curves.plot_curves(workdir, stages=("train",), val_metrics=evaluators[0].curve_metrics() if evaluators else ())
+    text += "\n\n" + selection_note(summary["model_selection"])
+    curves.plot_curves(workdir, stages=("train",), val_metrics=val.curve_metrics() if val is not None else ())
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2, default=float)
     print(text, flush=True)

@@ -70,8 +70,8 @@ def pretrained_barcodebert(config, workdir: str) -> nnx.Module:
     model_cfg = kmer_bert.config_from(section.model)
     run_dir = os.path.join(workdir, "models",
                            f"barcodebert_{fingerprint([config_access.to_dict(section), config.seed])}")
-    tokenizer = dna_lib.KmerTokenizer(model_cfg.k, max_nucleotides=config.data.max_nucleotides,
-                                      strip_trailing_n=True)
+    tokenizer = dna_lib.tokenizer_for(section.model.tokenization, model_cfg.k,
+                                      max_nucleotides=config.data.max_nucleotides)
     split = sources.pretrain_split(config.data, section.pretrain_split)
     data = stages.open_dna_split(config.data, split, seed=config.seed, dedup=section.dedup_barcodes)
     t0 = time.perf_counter()
@@ -147,7 +147,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     split = config.data.split
     data = open_data(config, names)
-    processid, labels, partition = zsc_eval.split_records(data[split])
+    records = data[split]
+    processid, labels, partition = zsc_eval.split_records(records)
+    if config.data.sort_by_processid:
+        order = zsc_eval.processid_order(processid, partition, split)
+        records = sources.Subset(records, order)
+        processid, labels, partition = processid[order], {r: v[order] for r, v in labels.items()}, partition[order]
     n_species = zsc_eval.check_clusterable(labels, split, config)
     logger.info("%s %s: %d records, %d species", data.description, split, len(processid), n_species)
 
@@ -156,7 +161,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     embed_info: dict[str, dict[str, Any]] = {}
     for name in names:
         embeddings[name], embed_info[name] = embedding_cache.cached_embeddings(
-            name, data[split], processid, config, workdir, mesh, trained)
+            name, records, processid, config, workdir, mesh, trained)
 
     results = {s.name: zsc_eval.evaluate_spec(s, embeddings, labels, config, partition) for s in specs}
     table = zsc_eval.results_table(results)

@@ -175,7 +175,8 @@ def prepare(config, workdir: str | None = None, *, splits: Sequence[str] | None 
             vocab.save(vocab_path)
     mcfg = model_config(config, text_vocab_size=len(vocab))
     k = mcfg.dna.k if mcfg.dna is not None else kmer_bert.get_variant(config.model.dna.variant, **config_access.overrides(config.model.dna)).k
-    tokenizer = dna_lib.KmerTokenizer(k, max_nucleotides=int(d.max_nucleotides))
+    tokenizer = dna_lib.tokenizer_for(config.model.dna.tokenization, k,
+                                      max_nucleotides=int(d.max_nucleotides))
     return ClibdSetup(data=data, train_source=train_source, n_train_without_dna=n_without_dna, tokenizer=tokenizer,
                      vocab=vocab, model_config=mcfg, mesh=mesh_lib.make_mesh(config.mesh))
 
@@ -190,7 +191,7 @@ def train_iterator(config, setup: ClibdSetup) -> Iterator[Mapping[str, np.ndarra
         label_ranks=(positives,) if positives else (), dna_random_offset=bool(d.dna_random_offset),
         image_size=int(d.image_size), resize=int(d.resize), normalize=bool(d.normalize_images),
         worker_count=int(d.worker_count), read_threads=d.get("read_threads") or None,
-        prefetch=d.get("prefetch") or None))
+        prefetch=d.get("prefetch") or None, reshuffle_each_epoch=bool(d.reshuffle_each_epoch)))
 
 
 # ============================================================================= pretrained encoders
@@ -364,6 +365,17 @@ def run_identity(config, setup: ClibdSetup, pretrained: Mapping[str, Any]) -> di
             "dna_pretrain": config.dna_pretrain.to_dict() if "dna_pretrain" in config else None}
 
 
+def steps_per_epoch(config, setup: ClibdSetup) -> int:
+    """Training steps per epoch: the training records with DNA over the global batch (the
+    remainder is dropped); a split smaller than one batch is an error naming it."""
+    batch = int(config.train.batch_size)
+    steps = len(setup.train_source) // batch
+    if steps == 0:
+        raise ValueError(f"training split {config.data.train_split!r} has {len(setup.train_source)} records with DNA, "
+                         f"fewer than one batch of {batch}")
+    return steps
+
+
 def train_clibd(config, workdir: str, *, setup: ClibdSetup | None = None,
                 pretrained: Mapping[str, Any] | None = None,
                 evaluators: Sequence[loop.Evaluator] = ()) -> tuple[towers.ClibdModel, dict[str, Any]]:
@@ -379,20 +391,16 @@ def train_clibd(config, workdir: str, *, setup: ClibdSetup | None = None,
         raise ValueError(f"split {config.data.train_split!r} was not opened")
     if pretrained is None:
         pretrained = pretrained_encoders(config, setup, workdir)
-    batch = int(config.train.batch_size)
-    steps_per_epoch = len(setup.train_source) // batch
-    if steps_per_epoch == 0:
-        raise ValueError(f"training split {config.data.train_split!r} has {len(setup.train_source)} records with DNA, "
-                         f"fewer than one batch of {batch}")
-    loop.validate_config(config, steps_per_epoch=steps_per_epoch)
+    spe = steps_per_epoch(config, setup)
+    loop.validate_config(config, steps_per_epoch=spe)
     t0 = time.perf_counter()
     result = loop.train(
         config, os.path.join(workdir, "train"), model_factory=model_factory(setup, pretrained),
         loss_fn=make_loss_fn(config), data_iter_factory=lambda: train_iterator(config, setup),
-        steps_per_epoch=steps_per_epoch, identity=run_identity(config, setup, pretrained), evaluators=evaluators)
+        steps_per_epoch=spe, identity=run_identity(config, setup, pretrained), evaluators=evaluators)
     summary = {"steps": result.step, "seconds": time.perf_counter() - t0, "n_train": len(setup.train_source),
                "run_identity": result.fingerprint,
-               "n_train_without_dna": setup.n_train_without_dna, "steps_per_epoch": steps_per_epoch,
+               "n_train_without_dna": setup.n_train_without_dna, "steps_per_epoch": spe,
                "pretrained": sorted(pretrained)}
     return result.model(), summary
 

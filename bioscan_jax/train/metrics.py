@@ -1,7 +1,8 @@
 """Training metrics: ``workdir/metrics.jsonl``, TensorBoard events, a progress bar.
 
 :class:`MetricsWriter` writes one JSON object per logged step to ``metrics.jsonl`` (appending, so a
-resumed run continues the same file), the same scalars to TensorBoard event files in
+resumed run continues the same file; the rows an earlier run logged after the step this run starts
+from are removed first, since this run logs those steps again: one row per step and kind), the same scalars to TensorBoard event files in
 ``workdir/tensorboard`` (tensorboardX, no TensorFlow needed), and drives a tqdm progress bar showing
 loss, throughput and the ETA. Only process 0 writes; the others keep silent.
 """
@@ -9,6 +10,7 @@ loss, throughput and the ETA. Only process 0 writes; the others keep silent.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -18,6 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
+logger = logging.getLogger(__name__)
 
 def _to_python(value: Any) -> Any:
     if isinstance(value, (np.generic, np.ndarray)) or hasattr(value, "dtype"):
@@ -44,8 +47,55 @@ def logged_value(workdir: str | os.PathLike, key: str, step: int) -> float | Non
     return float(values[-1]) if values else None
 
 
+def _step_of(line: str) -> int | None:
+    """The ``step`` of one metrics.jsonl line (``None`` if it has none or does not parse)."""
+    try:
+        step = json.loads(line).get("step")
+    except (ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
+def supersede(path: str | os.PathLike, after_step: int) -> int:
+    """Removes the rows of ``path`` (a metrics.jsonl) logged after ``after_step``, and a last line
+    cut short by a killed write; returns how many lines were removed.
+
+    A run resumed from the checkpoint of ``after_step`` redoes the later steps and logs them
+    again: the rows of the run it resumes (which got past that checkpoint and then stopped) would
+    be duplicates with other values. The file is rewritten atomically (a temporary file renamed
+    over it), so a crash here leaves either the old or the new file, never a partial one.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        step = _step_of(line)
+        if step is None or step <= after_step:
+            kept.append(line)
+    if kept and not kept[-1].endswith("\n"):  # a write cut short: the next row would run into it
+        last = kept.pop()
+        if _step_of(last) is not None:  # whole but for its newline
+            kept.append(last + "\n")
+    if kept == lines:
+        return 0
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return len(lines) - len(kept)
+
+
 class MetricsWriter:
-    """metrics.jsonl + TensorBoard + tqdm progress bar for one run directory."""
+    """metrics.jsonl + TensorBoard + tqdm progress bar for one run directory.
+
+    ``initial_step``: the step this run starts from (the resumed checkpoint's; 0 for a fresh run).
+    Rows of ``metrics.jsonl`` after it are removed before this run appends (:func:`supersede`).
+    """
 
     def __init__(
         self,
@@ -64,7 +114,12 @@ class MetricsWriter:
         if not self.enabled:
             return
         os.makedirs(self.workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(self.workdir, "metrics.jsonl"), "a", buffering=1)
+        path = os.path.join(self.workdir, "metrics.jsonl")
+        removed = supersede(path, int(initial_step))
+        if removed:
+            logger.info("%s: %d rows after step %d removed (this run logs those steps again)", path, removed,
+                        int(initial_step))
+        self._jsonl = open(path, "a", buffering=1)
         if tensorboard:
             from tensorboardX import SummaryWriter
 

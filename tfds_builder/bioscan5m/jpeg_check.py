@@ -336,17 +336,44 @@ class CheckerProcesses:
 
 
 def _serve(stdin=None, stdout=None) -> None:
-    """The worker's loop: answer each pickled chunk until stdin closes."""
+    """The worker's loop: answer each pickled chunk until stdin closes.
+
+    Returns quietly when the parent goes away: end of input (also mid-chunk, e.g. the parent
+    was killed) or a broken answer pipe (the parent stopped reading, e.g. the build raised on
+    a bad record and closed the checkers while chunks were still queued). The parent reports
+    whatever happened; a traceback from this helper would only bury that one line.
+    """
     stdin = stdin or sys.stdin.buffer
     stdout = stdout or sys.stdout.buffer
     while True:
         try:
             chunk = pickle.load(stdin)
-        except EOFError:
+        except (EOFError, pickle.UnpicklingError, OSError):  # end of input, or input cut short
             return
-        pickle.dump([verify_jpeg(d) for d in chunk], stdout, protocol=pickle.HIGHEST_PROTOCOL)
-        stdout.flush()
+        try:
+            pickle.dump([verify_jpeg(d) for d in chunk], stdout, protocol=pickle.HIGHEST_PROTOCOL)
+            stdout.flush()
+        except (BrokenPipeError, ConnectionResetError):  # nobody reads the answers any more
+            return
+
+
+def _main() -> int:
+    """The worker process: :func:`_serve` on stdin/stdout, silent when its parent goes away."""
+    try:
+        _serve()
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the parent reports it
+        return 130
+    finally:
+        # Answers left in a buffer that can no longer be written would make the interpreter's
+        # exit flush print "Exception ignored ... BrokenPipeError": point stdout at /dev/null.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):
+            pass
+    return 0
 
 
 if __name__ == "__main__":
-    _serve()
+    sys.exit(_main())

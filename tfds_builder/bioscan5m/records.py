@@ -6,6 +6,12 @@ Bad input never disappears silently. Each problem has a *reason*:
 ``malformed_row``     wrong number of fields, an unparseable number, an empty processid
 ``unknown_split``     a ``split`` value that is not one of :data:`schema.SPLITS`
 ``duplicate_processid`` a processid seen on an earlier row (the first row is kept)
+``bad_chunk``         a ``chunk`` value not of its split's form (:data:`schema.CHUNK_HEX_CHARS`:
+                      2 hex characters for pretrain, 1 for train and other_heldout, none for
+                      the evaluation splits), e.g. ``0`` for ``00``: a leading zero lost when
+                      the CSV went through a tool that read the column as a number
+``invalid_barcode``   a ``dna_barcode`` with characters that are not nucleotides (the BOLD
+                      import's rule, :func:`bioscan_jax.data.dna.normalize_batch`)
 ``missing_image``     the image of a record is not in the image folder / zips
 ``bad_image``         the image is not a JPEG or is truncated
 ===================== =================================================================
@@ -21,6 +27,13 @@ A value outside its valid range keeps its record: ``coord-lat`` outside [-90, 90
 (:data:`bioscan_jax.data.bold.VALUE_RANGES`) is made missing (NaN) and counted, in both
 modes, as ``out_of_range`` (:data:`CLEARED_REASONS`): the metadata's ``cleared``,
 ``cleared_total``, ``cleared_columns`` (per column) and ``cleared_examples``.
+
+A ``dna_barcode`` is normalised as the BOLD import normalises it
+(:func:`bioscan_jax.data.dna.normalize_batch` without truncation: upper case, U -> T, gaps and
+IUPAC ambiguity codes as that function reads them; the official barcodes hold ACGTN only and are
+unchanged):
+a changed barcode keeps its record and is counted, in both modes, as ``normalised``
+(``normalised_columns``, ``normalised_examples`` with the record ids).
 """
 
 from __future__ import annotations
@@ -36,6 +49,7 @@ import numpy as np
 import pandas as pd
 from absl import logging
 
+from bioscan_jax.data import dna
 from bioscan_jax.data import schema
 from bioscan_jax.data.bold import VALUE_RANGES
 from bioscan_jax.data import fields
@@ -45,6 +59,8 @@ REASONS: tuple[str, ...] = (
     "malformed_row",
     "unknown_split",
     "duplicate_processid",
+    "bad_chunk",
+    "invalid_barcode",
     "missing_image",
     "bad_image",
 )
@@ -72,6 +88,8 @@ class BadRecords:
         self.cleared: collections.Counter[str] = collections.Counter()
         self.cleared_columns: collections.Counter[str] = collections.Counter()
         self.cleared_examples: dict[str, list[str]] = collections.defaultdict(list)
+        self.normalised: collections.Counter[str] = collections.Counter()
+        self.normalised_examples: list[str] = []
 
     def report(self, reason: str, record: str, detail: str) -> None:
         """Raises (mode 'raise') or counts and logs a skipped record (mode 'skip')."""
@@ -101,6 +119,16 @@ class BadRecords:
             logging.warning("Clearing %s [%s]; the record is kept", message, reason)
         logging.warning("%s: %d %s value(s) made missing [%s]", self.source, count, column, reason)
 
+    def normalise(self, column: str, count: int, examples: Sequence[tuple[str, str]]) -> None:
+        """Counts ``count`` values of ``column`` rewritten to their normal form (their records are
+        kept), in either mode; ``examples``: ``(record, detail)`` of the first few."""
+        if not count:
+            return
+        self.normalised[column] += int(count)
+        for record, detail in examples[: max(0, EXAMPLES_KEPT - len(self.normalised_examples))]:
+            self.normalised_examples.append(f"{self.source}: record {record}: {detail}")
+        logging.warning("%s: %d %s value(s) normalised; the records are kept", self.source, count, column)
+
     def summary(self) -> dict:
         """JSON-able counts and first examples, for the dataset metadata."""
         return {
@@ -112,6 +140,9 @@ class BadRecords:
             "cleared_total": int(sum(self.cleared.values())),
             "cleared_columns": {c: int(n) for c, n in sorted(self.cleared_columns.items())},
             "cleared_examples": {r: list(v) for r, v in self.cleared_examples.items()},
+            "normalised": int(sum(self.normalised.values())),
+            "normalised_columns": {c: int(n) for c, n in sorted(self.normalised.items())},
+            "normalised_examples": list(self.normalised_examples),
         }
 
 
@@ -209,6 +240,33 @@ def _to_number(df: pd.DataFrame, column: str, dtype: str, policy: BadRecords) ->
     return values, bad
 
 
+def _short(text: str, width: int = 24) -> str:
+    return repr(text if len(text) <= width else text[:width] + "...")
+
+
+def _chunk_problem(value, split: str) -> str | None:
+    """Why ``value`` is not a ``chunk`` of ``split`` (``None`` if it is one): the image folder
+    is ``<split>/<chunk>/`` with the first :data:`schema.CHUNK_HEX_CHARS` hex characters of
+    md5(processid) as ``<chunk>`` (lower case, leading zeros kept), or ``<split>/`` without one."""
+    width = schema.CHUNK_HEX_CHARS.get(split, 0)
+    missing = value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value)) or value == ""
+    if width == 0:
+        if missing:
+            return None
+        return f"bad chunk value {value!r} for split {split!r}: its images have no chunk folder (expected an empty cell)"
+    form = f"{width} hex character{'s' if width > 1 else ''} (0-9, a-f), e.g. {'0' * width!r}"
+    if missing:
+        return f"no chunk value for split {split!r}: expected {form}"
+    text = str(value)
+    if len(text) == width and all(c in "0123456789abcdef" for c in text):
+        return None
+    hint = ""
+    if 0 < len(text) < width and all(c in "0123456789abcdefABCDEF" for c in text):
+        hint = (f"; a leading zero was lost (the CSV went through a tool that read 'chunk' as a number?): "
+                f"it should be {text.lower().zfill(width)!r}")
+    return f"bad chunk value {text!r} for split {split!r}: expected {form}{hint}"
+
+
 def read(
     meta: MetadataFile,
     policy: BadRecords,
@@ -262,6 +320,38 @@ def read(
             p = pid.iloc[row]
             policy.report("duplicate_processid", repr(p), f"duplicate processid (first seen at data row {first_row[p]}, again at {row})")
     keep &= ~dup
+
+    # chunk: the image folder of the record; '0' for '00' would only show as a missing image
+    chunk = df["chunk"].fillna("")
+    width = split.map(schema.CHUNK_HEX_CHARS).fillna(0).to_numpy(dtype=np.int64)
+    well_formed = chunk.str.fullmatch("[0-9a-f]*").to_numpy(dtype=bool) & (chunk.str.len().to_numpy() == width)
+    for row in np.flatnonzero(keep & ~well_formed):
+        policy.report("bad_chunk", repr(pid.iloc[row]), _chunk_problem(df["chunk"].iloc[row], split.iloc[row]))
+    keep &= well_formed
+
+    # dna_barcode: the BOLD import's rule (dna.normalize_batch, no truncation); invalid characters
+    # skip (or raise for) the record, a barcode only rewritten (gaps, IUPAC codes, case) is kept
+    has_barcode = keep & df["dna_barcode"].notna().to_numpy()
+    rows = np.flatnonzero(has_barcode)
+    if rows.size:
+        raw = df["dna_barcode"].iloc[rows].to_numpy(dtype=object)
+        normalised, report = dna.normalize_batch(raw, max_nucleotides=None, errors="count")
+        invalid = np.zeros(rows.size, dtype=bool)
+        for i, chars in sorted(report["invalid"].items()):
+            invalid[i] = True
+            shown = ", ".join(f"{c!r} x{n}" for c, n in sorted(chars.items()))
+            policy.report("invalid_barcode", repr(pid.iloc[rows[i]]),
+                          f"dna_barcode has characters that are not nucleotides ({shown})")
+        keep[rows[invalid]] = False
+        normalised = np.asarray(normalised, dtype=object)
+        changed = ~invalid & (normalised != raw)
+        if changed.any():
+            examples = [(repr(pid.iloc[rows[i]]), f"dna_barcode {_short(raw[i])} normalised to {_short(normalised[i])} "
+                         "(dna.normalize_batch, as the BOLD import)") for i in np.flatnonzero(changed)[:EXAMPLES_KEPT]]
+            policy.normalise("dna_barcode", int(changed.sum()), examples)
+            values = df["dna_barcode"].to_numpy(dtype=object, copy=True)
+            values[rows[changed]] = normalised[changed]
+            df["dna_barcode"] = pd.array(values, dtype="string")
 
     for column, (low, high) in VALUE_RANGES.items():  # out of range -> missing; the record stays
         values = numeric[column].to_numpy(dtype=np.float64, na_value=np.nan)

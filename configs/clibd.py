@@ -145,12 +145,17 @@ def get_config(arg=None):
         # timm 'vit_base_patch16_224' with pretrained=True, i.e. timm 1.0.x's default tag (CLIBD pins
         # timm~=1.0.9); BarcodeBERT v1 5-12-12 (global_config.yaml: ckpt/BarcodeBERT/5_mer/model_41.pth,
         # a v1 state dict with the 4**5 + 3 vocabulary); prajjwal1/bert-small and its WordPiece vocab.
+        # remat + scan_layers on every tower: the step of global batch 2000 on fsdp=8 plans 8.95 GiB
+        # per device instead of 101.3 GiB (remat alone: 102.0), so it fits 8 x 80 GiB (python -m
+        # bioscan_jax.plan --config=configs/clibd.py:paper --mesh=fsdp=8). The numbers are the same;
+        # pretrained weights load into the stacked layers (models/layers.match_layer_layout).
+        fit = dict(remat=True, scan_layers=True)
         c.model.image = dict(variant="B/16", init="timm/vit_base_patch16_224.augreg2_in21k_ft_in1k",
-                             init_format="timm", overrides=dict(layer_norm_eps=1e-6))
+                             init_format="timm", overrides=dict(layer_norm_eps=1e-6, **fit))
         c.model.dna = dict(variant="5_12_12", init="bioscan-ml/clibd:ckpt/BarcodeBERT/5_mer/model_41.pth", tokenization="v1",
-                           overrides=dict(vocab_size=4**5 + 3))
+                           overrides=dict(vocab_size=4**5 + 3, **fit))
         c.model.text = dict(variant="bert-small", max_length=text_max_length(), tokenizer="prajjwal1/bert-small",
-                            init="prajjwal1/bert-small", overrides=dict())
+                            init="prajjwal1/bert-small", overrides=dict(**fit))
         c.train = dict(batch_size=2000, accum_steps=1, bf16=True, steps=0, epochs=20, log_every=100,
                        eval_every=0, progress_bar=True, tensorboard=True)
         c.optim = common.adamw_onecycle(lr=5e-5, lr_ref_batch=500, weight_decay=0.01)

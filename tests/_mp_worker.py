@@ -108,7 +108,7 @@ class ClibdExample(grain.transforms.Map):
 
 
 def clibd_batches(source, shard):
-    ds = pipeline.records_pipeline(source, train=True, seed=1, shard=shard)
+    ds = pipeline.records_pipeline(source, train=True, seed=1, shard=shard, batch_size=BATCH // SHARDS)
     return ds.map(ClibdExample()).batch(BATCH // SHARDS, drop_remainder=True).to_iter_dataset()
 
 

@@ -7,6 +7,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import optax
 import numpy as np
 import pytest
 from flax import nnx
@@ -302,7 +303,38 @@ def test_dna_encoder_init_from_a_workdir(tiny_run):
     config.model.dna.init = workdir  # any run dir with a DNA encoder: BarcodeBERT or CLIBD
     setup = clibd_train.prepare(config, workdir)
     pretrained = clibd_train.pretrained_encoders(config, setup, workdir)
-    model = clibd_train.model_factory(setup, pretrained)(nnx.Rngs(123))
+    model = clibd_train.build_model(setup, pretrained, nnx.Rngs(123))
     for a, b in zip(jax.tree.leaves(nnx.state(model.dna.encoder, nnx.Param)),
                     jax.tree.leaves(nnx.state(trained.dna.encoder, nnx.Param))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    # Training gets them as the loop's warm start, placed into the sharded state after the init ...
+    from bioscan_jax.train import state as state_lib
+
+    tx = optax.adamw(1e-3)
+    train_setup, state = state_lib.create_train_state(clibd_train.model_factory(setup), tx, setup.mesh)
+    state = state_lib.warm_start(train_setup, state, clibd_train.warm_start(pretrained))
+    want = nnx.state(trained.dna.encoder, nnx.Param).to_pure_dict()
+    for a, b in zip(jax.tree.leaves(state["params"]["dna"]["encoder"]), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    # ... so the jitted init carries no parameter-sized constant (it would hold the encoder's weights).
+    text = jax.jit(lambda: nnx.state(clibd_train.model_factory(setup)(nnx.Rngs(0)))).lower().as_text()
+    assert _largest_constant_bytes(text) < 1 << 20
+    baked = jax.jit(lambda: nnx.state(clibd_train.build_model(setup, pretrained, nnx.Rngs(0)))).lower().as_text()
+    assert _largest_constant_bytes(baked) >= 32 * 32 * 4  # the check sees weights when they are baked in
+
+
+def _largest_constant_bytes(hlo_text: str) -> int:
+    """The size of the largest ``stablehlo.constant`` of a lowered program."""
+    import re
+
+    sizes = {"f32": 4, "i32": 4, "ui32": 4, "bf16": 2, "f16": 2, "i64": 8, "f64": 8, "i1": 1, "i8": 1, "ui8": 1}
+    largest = 0
+    for shape in re.findall(r"stablehlo\.constant dense<[^>]*> : tensor<([^>]*)>", hlo_text):
+        *dims, dtype = shape.split("x")
+        n = 1
+        for d in dims:
+            n *= int(d)
+        largest = max(largest, n * sizes.get(dtype, 4))
+    return largest

@@ -84,7 +84,7 @@ def _model(config):
     mcfg = clibd_train.model_config(config, text_vocab_size=len(vocab))
     setup = types.SimpleNamespace(model_config=mcfg)
     pretrained = clibd_train.pretrained_encoders(config, setup, workdir="")
-    model = clibd_train.model_factory(setup, pretrained)(nnx.Rngs(0))
+    model = clibd_train.build_model(setup, pretrained, nnx.Rngs(0))
     model.eval()
     return model, vocab
 

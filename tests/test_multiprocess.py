@@ -256,3 +256,24 @@ def test_mismatched_configs_are_refused(tmp_path):
     assert rc != 0, text[-3000:]
     assert "config differs across the 2 processes" in text
     assert "passed unexpectedly" not in text
+
+
+def test_main_job_prints_the_same_table_on_one_process_and_on_two(tmp_path):
+    """The BarcodeBERT main job (reduced steps) as 1 process x 8 devices and as 2 processes x 4:
+    the global batches, their masks and offsets do not depend on the process count (one global
+    order, per-record random keys), so the summary tables are identical."""
+    reduced = ["--config=configs/barcodebert.py", "--config.pretrain.train.steps=8", "--config.pretrain.train.epochs=0",
+               "--config.finetune.train.steps=8", "--config.finetune.train.epochs=0", "--config.probe.linear_epochs=3",
+               "--config.pretrain.train.progress_bar=False", "--config.finetune.train.progress_bar=False",
+               f"--config.data.data_dir={tmp_path / 'tfds'}"]
+    env = dict(os.environ, BIOSCAN_JAX_COMPILATION_CACHE="off")
+    tables = []
+    for processes, devices in ((1, 8), (2, 4)):
+        workdir = tmp_path / f"w{processes}"
+        proc = subprocess.run([sys.executable, "-m", "bioscan_jax.launch", "--processes", str(processes),
+                               "--devices-per-process", str(devices), "--", "run.py", f"--workdir={workdir}", *reduced],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        tables.append((workdir / "summary.md").read_text())
+    assert tables[0] == tables[1], tables
+    assert "1-NN genus accuracy" in tables[0]

@@ -317,3 +317,43 @@ def test_one_order_for_every_epoch_as_clibd_sampler_without_set_epoch():
     assert first != [r["processid"] for r in source]  # shuffled, not the source order
     first, second, _ = epochs()
     assert first != second and sorted(first) == sorted(second)
+
+
+@pytest.mark.parametrize("processes", [2, 4])
+def test_global_batches_and_their_randomness_do_not_depend_on_the_process_count(records, processes):
+    """Each process reads its rows of every global batch of one global order, and every record's
+    offset, MLM mask and image augmentation come from its position in that order: P processes
+    (emulated with explicit shards) give the global batches of one process, bit for bit."""
+    tok = dna.tokenizer_for("bioscan5m", 4, max_nucleotides=120)
+    global_batch, steps = 16, 7  # 7 global batches of 16 over 64 records: the order crosses epochs
+
+    def dna_global(count):
+        its = [iter(pipeline.dna_pipeline(records, tokenizer=tok, batch_size=global_batch // count, train=True, seed=3,
+                                          mlm=True, keep=("processid",),
+                                          shard=grain.sharding.ShardOptions(i, count, drop_remainder=True)))
+               for i in range(count)]
+        return [{k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
+                for parts in ([next(it) for it in its] for _ in range(steps))]
+
+    one, many = dna_global(1), dna_global(processes)
+    for a, b in zip(one, many, strict=True):
+        for key in ("processid", "ids", "attention_mask", "targets", "mlm_mask"):
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert len({tuple(b["processid"]) for b in one}) == steps  # not one batch repeated
+
+    vocab = text.TaxonomyVocab.from_records(records)
+
+    def clibd_global(count):
+        its = [iter(pipeline.clibd_pipeline(records, tokenizer=tok, vocab=vocab, batch_size=8 // count, train=True,
+                                            seed=5, image_size=32, resize=36, keep=("processid",),
+                                            shard=grain.sharding.ShardOptions(i, count, drop_remainder=True)))
+               for i in range(count)]
+        return [np.concatenate([next(it)["image"] for it in its]) for _ in range(3)]
+
+    for a, b in zip(clibd_global(1), clibd_global(2), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_sharded_training_pipeline_needs_its_batch_size(records):
+    with pytest.raises(ValueError, match="needs batch_size"):
+        pipeline.records_pipeline(records, train=True, shard=grain.sharding.ShardOptions(0, 2, drop_remainder=True))

@@ -320,3 +320,32 @@ def test_processid_order_sorts_within_each_partition_in_the_named_order():
     partition = np.asarray(["test_unseen", "test", "test", "test_unseen", "test"])
     order = zsc_eval.processid_order(processid, partition, "test+test_unseen")
     assert processid[order].tolist() == ["A9", "B1", "C1", "A1", "B2"]
+
+
+def test_per_rank_ami_of_single_modality_specs_also_comes_from_prenorm_none():
+    """results-BIOSCAN5M.ipynb: the per-rank figures cluster with prenorm 'none', the species
+    table with elementwise_zscore; single-modality specs report both, each named."""
+    from bioscan_jax.eval import zsc_eval
+
+    rng = np.random.default_rng(0)
+    n, species = 120, 6
+    y = np.repeat(np.arange(species), n // species)
+    centres = rng.normal(size=(species, 8)) * np.linspace(0.2, 5.0, 8)  # feature scales differ: z-scoring matters
+    emb = {m: {"embedding": (centres[y] + rng.normal(scale=0.8, size=(n, 8))).astype(np.float32)} for m in ("a", "b")}
+    labels = {r: y.copy() for r in zsc_encoders.RANKS}
+    partition = np.where(np.arange(n) % 3 == 0, "test_unseen", "test")
+    config = zsc_configs.get_config("paper")
+    config.cluster.reduction = "pca"
+    config.cluster.n_components = 4
+    single = zsc_encoders.EncoderSpec("dna:a", "dna", ("a",))
+    fused = zsc_encoders.EncoderSpec("image+dna:b+a", "image+dna", ("b", "a"))
+    res = zsc_eval.evaluate_spec(single, emb, labels, config, partition)
+    assert res["per_rank/prenorm"] == "none"
+    config_none = config.copy_and_resolve_references()
+    config_none.cluster.prenorm = "none"
+    plain = zsc_eval.evaluate_spec(single, emb, labels, config_none, partition)
+    for rank in zsc_encoders.RANKS:
+        assert res[f"per_rank/ami/{rank}"] == pytest.approx(plain[f"ami/{rank}"])
+    assert "per_rank/prenorm" not in zsc_eval.evaluate_spec(fused, emb, labels, config, partition)
+    table = zsc_eval.results_table({"dna:a": res})
+    assert "prenorm 'none'" in table

@@ -813,9 +813,9 @@ class KmerTokenizer:
             tokens[flat == self.cls_id] = _CLS_TOKEN
         return tokens.reshape(ids.shape).tolist()
 
-    def mask_tokens(self, ids, rng, p: float = 0.5, *, attention_mask=None):
+    def mask_tokens(self, ids, rng, p: float = 0.5, *, attention_mask=None, draws=None):
         """:func:`mask_tokens` with this tokenizer's k (so ``[CLS]`` is never masked)."""
-        return mask_tokens(ids, rng, p, attention_mask=attention_mask, k=self.k)
+        return mask_tokens(ids, rng, p, attention_mask=attention_mask, k=self.k, draws=draws)
 
     def mlm_targets(self, ids, masked_positions=None, *, masked_only: bool = False):
         """:func:`mlm_targets` with this tokenizer's k."""
@@ -896,19 +896,23 @@ def mask_tokens(
     *,
     attention_mask: np.ndarray | None = None,
     k: int | None = None,
+    draws: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """BarcodeBERT's masking: each k-mer token becomes ``[MASK]`` with probability ``p``.
 
     ``[UNK]`` (hence padding), ``[MASK]`` and, when ``k`` is given, ``[CLS]`` are never masked,
     nor positions where ``attention_mask`` is false. No 80/10/10 replacement. ``rng`` is a
     ``np.random.Generator`` or a seed (same seed, same masks). Returns ``(masked_ids,
-    masked_positions)``; ``masked_positions`` is bool with the shape of ``ids``.
+    masked_positions)``; ``masked_positions`` is bool with the shape of ``ids``. ``draws``
+    (uniform [0, 1) with the shape of ``ids``) replaces the draws from ``rng``, e.g. one stream per
+    record (:data:`bioscan_jax.data.pipeline.RNG_KEY`).
     """
     ids = np.asarray(ids)
     eligible = _kmer_positions(ids, k)
     if attention_mask is not None:
         eligible &= np.asarray(attention_mask, dtype=bool)
-    draws = np.random.default_rng(rng).random(ids.shape, dtype=np.float32)
+    if draws is None:
+        draws = np.random.default_rng(rng).random(ids.shape, dtype=np.float32)
     masked = eligible & (draws < p)
     return np.where(masked, np.asarray(MASK_ID, dtype=ids.dtype), ids), masked
 

@@ -7,8 +7,11 @@ keys are the builder's feature names (BOLD imports, hand-made records). The
 steps, all on a :class:`grain.MapDataset` so that each batch is a pure function of
 (seed, batch index):
 
-1. per-process shard (``ShardByJaxProcess`` by default; an even split when
-   ``drop_remainder``), then a global shuffle (training) and ``repeat``;
+1. training: one global order of the records (shuffled per epoch, or one order repeated), cut
+   into global batches of ``batch_size * process_count``, each process reading its contiguous
+   ``batch_size`` rows of every global batch, so the global batches, and every record's
+   randomness (keyed by its position in the global order, :data:`RNG_KEY`), are the same for any
+   number of processes; evaluation: a per-process shard (``ShardByJaxProcess`` by default);
 2. :func:`tfds_source.normalize_record` (bytes -> str, 0-d arrays -> scalars);
 3. per-record work that cannot be batched (JPEG decode + augmentation);
 4. batching (``drop_remainder=True`` for training) and per-batch work that is much
@@ -62,10 +65,41 @@ ShardArg = grain.sharding.ShardOptions | str | None
 #: carries it, and so do its batches: results gathered from several processes, each of which read
 #: its own shard, are put back in source order by it (:func:`bioscan_jax.eval.embed.embed_batches`).
 ROW = "row"
+#: A training record's random key: a function of the seed and its position in the global order
+#: (never of the process count). Per-record augmentation, random offsets and MLM masks draw from
+#: ``np.random.default_rng(record[RNG_KEY])``.
+RNG_KEY = "rng_key"
 
 
 def _with_row(index: int, record: Mapping[str, Any]) -> dict[str, Any]:
     return {**record, ROW: index}
+
+
+class _WithRngKey:
+    """``(position, record) -> record + {RNG_KEY: splitmix64(seed, position)}`` (picklable)."""
+
+    def __init__(self, seed: int):
+        self.seed = int(seed)
+
+    def __call__(self, index: int, record: Mapping[str, Any]) -> dict[str, Any]:
+        return {**record, RNG_KEY: record_key(self.seed, index)}
+
+
+def record_key(seed: int, position: int) -> int:
+    """A 64-bit key from ``(seed, position)`` (splitmix64 of both): distinct positions give
+    unrelated streams."""
+    mask = (1 << 64) - 1
+    z = (int(seed) * 0x9E3779B97F4A7C15 + int(position) + 0x632BE59BD9B4E019) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return z ^ (z >> 31)
+
+
+def record_rngs(records: Sequence[Mapping[str, Any]], rng: np.random.Generator) -> list[np.random.Generator] | None:
+    """One generator per record from its :data:`RNG_KEY` (training records), else ``None``."""
+    if not records or RNG_KEY not in records[0]:
+        return None
+    return [np.random.default_rng(int(r[RNG_KEY])) for r in records]
 
 
 # ----------------------------------------------------------------------------- transforms
@@ -104,12 +138,17 @@ class DnaBatch(grain.transforms.RandomMap):
         tok = self.tokenizer
         seqs = [r[fields.feature_name("dna_barcode")] for r in records]
         names = [r.get("processid", i) for i, r in enumerate(records)]
-        offsets = dna_lib.random_offsets(rng, len(seqs), tok.k) if self.random_offset else None
+        rows = record_rngs(records, rng)  # training: one stream per record (RNG_KEY)
+        offsets = None
+        if self.random_offset:
+            offsets = (dna_lib.random_offsets(rng, len(seqs), tok.k) if rows is None else
+                       np.asarray([g.integers(0, tok.k) for g in rows], np.int32))
         ids, attention = tok(seqs, names=names, offsets=offsets)
         p = self.prefix
         if not self.mlm:
             return {f"{p}ids": ids, f"{p}attention_mask": attention}
-        masked_ids, masked = tok.mask_tokens(ids, rng, self.mask_prob, attention_mask=attention)
+        draws = None if rows is None else np.stack([g.random(ids.shape[1], dtype=np.float32) for g in rows])
+        masked_ids, masked = tok.mask_tokens(ids, rng, self.mask_prob, attention_mask=attention, draws=draws)
         return {
             f"{p}ids": masked_ids,
             f"{p}attention_mask": attention,
@@ -134,6 +173,8 @@ class ImageRecord(grain.transforms.RandomMap):
 
     def random_map(self, element, rng):
         data = element[fields.IMAGE]
+        if RNG_KEY in element:  # a training record: its own stream, whatever the process count
+            rng = np.random.default_rng(int(element[RNG_KEY]))
         try:
             if self.train:
                 image = images_lib.train_image(data, rng, resize=self.resize, crop=self.crop, normalize=self.normalize)
@@ -200,8 +241,12 @@ def records_pipeline(
     num_epochs: int | None = None,
     features: Sequence[str] | None = None,
     reshuffle_each_epoch: bool = True,
+    batch_size: int | None = None,
 ) -> grain.MapDataset:
     """Shard -> shuffle (training) -> repeat -> :class:`NormalizeRecord` over a source.
+
+    Training (module docstring, step 1) needs ``batch_size``, the per-process batch, when the
+    records are sharded over several processes.
 
     ``reshuffle_each_epoch=False`` (training): one seeded order, repeated by every epoch, as a
     torch ``DistributedSampler(shuffle=True)`` that is never given ``set_epoch`` (CLIBD's
@@ -218,25 +263,60 @@ def records_pipeline(
     if features is not None and getattr(source, "features", None) is not None:  # a RecordSource (or a view of one)
         source = source.select([f for f in dict.fromkeys(features) if f in source.features])
     ds = grain.MapDataset.source(source).seed(seed)
-    if not train:
-        ds = ds.map_with_index(_with_row)  # before sharding: the index is the source position
     options = _shard_options(shard, drop_remainder=train)
+    if train:
+        ds = _global_training_order(ds, seed, num_epochs, reshuffle_each_epoch)
+        if options is not None and options.shard_count > 1:
+            if not batch_size:
+                raise ValueError("records_pipeline: a sharded training pipeline needs batch_size (per process)")
+            ds = _process_rows(ds, options.shard_index, options.shard_count, int(batch_size), seed)
+        return ds.map(NormalizeRecord())
+    ds = ds.map_with_index(_with_row)  # before sharding: the index is the source position
     if options is not None and options.shard_count > 1:
         n = len(ds)
-        if options.drop_remainder:
-            ds = ds[: n - n % options.shard_count]
         ds = ds[options.shard_index :: options.shard_count]
         if len(ds) == 0:
             raise ValueError(f"shard {options.shard_index}/{options.shard_count} of {n} records is empty")
-    if train and reshuffle_each_epoch:
-        ds = ds.shuffle()
-    elif train:
-        order = np.random.default_rng(seed).permutation(len(ds))
-        ds = grain.MapDataset.range(len(ds)).map(_Reorder(ds, order))
-    epochs = num_epochs if num_epochs is not None else (None if train else 1)
-    if epochs != 1:
-        ds = ds.repeat(epochs)
+    if num_epochs not in (None, 1):
+        ds = ds.repeat(num_epochs)
     return ds.map(NormalizeRecord())
+
+
+def _global_training_order(ds: grain.MapDataset, seed: int, num_epochs: int | None,
+                           reshuffle_each_epoch: bool) -> grain.MapDataset:
+    """The records in training order over all epochs (``num_epochs=None``: forever), each with
+    its :data:`RNG_KEY`."""
+    if reshuffle_each_epoch:
+        ds = ds.shuffle()
+    else:
+        order = np.random.default_rng(seed).permutation(len(ds))
+        ds = grain.MapDataset.range(len(ds)).seed(seed).map(_Reorder(ds, order))
+    if num_epochs != 1:
+        ds = ds.repeat(num_epochs)
+    return ds.map_with_index(_WithRngKey(seed))
+
+
+def _process_rows(ds: grain.MapDataset, index: int, count: int, batch_size: int, seed: int) -> grain.MapDataset:
+    """Process ``index`` of ``count``: rows ``[index * batch_size, (index + 1) * batch_size)`` of
+    every global batch of ``count * batch_size`` consecutive records; incomplete global batches
+    are dropped, so every process yields the same number of records."""
+    global_batch = count * batch_size
+    n = (len(ds) // global_batch) * batch_size
+    if n == 0:
+        raise ValueError(f"{len(ds)} training records are fewer than one global batch of {global_batch} "
+                         f"({count} processes x {batch_size})")
+    return grain.MapDataset.range(n).seed(seed).map(_ProcessRow(ds, index, count, batch_size))
+
+
+class _ProcessRow:
+    """Local position ``j`` -> the global record this process reads there (picklable)."""
+
+    def __init__(self, dataset: grain.MapDataset, index: int, count: int, batch_size: int):
+        self.dataset, self.index, self.count, self.batch_size = dataset, index, count, batch_size
+
+    def __call__(self, j: int):
+        batch, row = divmod(int(j), self.batch_size)
+        return self.dataset[batch * self.count * self.batch_size + self.index * self.batch_size + row]
 
 
 class _Reorder:
@@ -309,7 +389,8 @@ def dna_pipeline(
     """
     _check_fields("label_rank", label_rank, fields.INDEX_FEATURES)
     needed = ["processid", fields.feature_name("dna_barcode"), *([label_rank] if label_rank else []), *keep]
-    ds = records_pipeline(source, train=train, seed=seed, shard=shard, num_epochs=num_epochs, features=needed)
+    ds = records_pipeline(source, train=train, seed=seed, shard=shard, num_epochs=num_epochs, features=needed,
+                          batch_size=batch_size)
     ds = ds.batch(batch_size, drop_remainder=train if drop_remainder is None else drop_remainder, batch_fn=list)
     ds = ds.random_map(
         DnaBatch(
@@ -347,7 +428,8 @@ def image_pipeline(
     _check_fields("label_rank", label_rank, fields.INDEX_FEATURES)
     passthrough = tuple(dict.fromkeys(([label_rank] if label_rank else []) + list(keep)))
     needed = ["processid", fields.IMAGE, *passthrough]
-    ds = records_pipeline(source, train=train, seed=seed, shard=shard, num_epochs=num_epochs, features=needed)
+    ds = records_pipeline(source, train=train, seed=seed, shard=shard, num_epochs=num_epochs, features=needed,
+                          batch_size=batch_size)
     ds = ds.random_map(ImageRecord(train=train, crop=image_size, resize=resize, normalize=normalize, passthrough=passthrough))
     ds = ds.batch(batch_size, drop_remainder=train if drop_remainder is None else drop_remainder, batch_fn=list)
     ds = ds.map(ImageBatch(label_rank, keep))
@@ -390,7 +472,7 @@ def clibd_pipeline(
     )
     needed = [fields.IMAGE, *passthrough]
     ds = records_pipeline(source, train=train, seed=seed, shard=shard, num_epochs=num_epochs, features=needed,
-                          reshuffle_each_epoch=reshuffle_each_epoch)
+                          reshuffle_each_epoch=reshuffle_each_epoch, batch_size=batch_size)
     ds = ds.random_map(ImageRecord(train=train, crop=image_size, resize=resize, normalize=normalize, passthrough=passthrough))
     ds = ds.batch(batch_size, drop_remainder=train if drop_remainder is None else drop_remainder, batch_fn=list)
     dna = DnaBatch(tokenizer, random_offset=dna_random_offset, mlm=False, mask_prob=0.0, masked_only=False,

@@ -79,8 +79,21 @@ def reference_dedup(source: Sequence[Mapping[str, Any]]) -> Sequence[Mapping[str
     the ``first_of_barcode`` feature, :func:`bioscan_jax.data.schema.first_of_barcode`)."""
     select = getattr(source, "select", None)
     view = select([FIRST_OF_BARCODE]) if select else source
-    flags = np.fromiter((int(view[i][FIRST_OF_BARCODE]) for i in range(len(view))), dtype=np.int64, count=len(view))
+    flags = np.fromiter((int(r[FIRST_OF_BARCODE]) for r in iter_records(view)), dtype=np.int64, count=len(view))
     return Subset(source, np.flatnonzero(flags))
+
+
+def iter_records(source: Sequence[Mapping[str, Any]], chunk: int = 1024):
+    """Every record of ``source`` in order, read ``chunk`` at a time through ``__getitems__``
+    when the source has it: one array_record read per record costs ~250 µs, a batch ~28 µs per
+    record (BarcodeBERT's deduplication over BIOSCAN-5M's 4.75M pretraining records: 20 min
+    read one by one, 2 min in batches)."""
+    getitems = getattr(source, "__getitems__", None)
+    if getitems is None:
+        yield from (source[i] for i in range(len(source)))
+        return
+    for start in range(0, len(source), chunk):
+        yield from getitems(range(start, min(start + chunk, len(source))))
 
 
 def _nonempty(value: Any) -> bool:

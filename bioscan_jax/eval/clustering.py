@@ -408,6 +408,20 @@ def cluster_embeddings(
     return labels, reduced, info
 
 
+def _species_clusters(species: int | None, n: int, encoder: str) -> int:
+    """The number of clusters of the protocol, one per true species; one-line errors when the
+    labels cannot set it."""
+    if species is None:
+        raise ValueError(f"{encoder}: labels need 'species' to set the number of clusters (or pass n_clusters)")
+    if species == 0:
+        raise ValueError(f"{encoder}: no record has a species label; cannot set the number of clusters")
+    if species == 1:
+        raise ValueError(f"{encoder}: the clustered set has only one species ({n} records); need at least two species")
+    if n < species:
+        raise ValueError(f"{encoder}: {n} records is fewer than the {species} clusters (one per true species)")
+    return species
+
+
 def evaluate_clustering(
     embeddings: ArrayLike,
     labels: Mapping[str, ArrayLike],
@@ -453,19 +467,7 @@ def evaluate_clustering(
     y = check_labels(labels, n)
     species = num_species(y["species"]) if "species" in y else None
     if n_clusters is None and distance_threshold is None:
-        if species is None:
-            raise ValueError(f"{encoder}: labels need 'species' to set the number of clusters (or pass n_clusters)")
-        if species == 0:
-            raise ValueError(f"{encoder}: no record has a species label; cannot set the number of clusters")
-        if species == 1:
-            raise ValueError(
-                f"{encoder}: the clustered set has only one species ({n} records); need at least two species"
-            )
-        if n < species:
-            raise ValueError(
-                f"{encoder}: {n} records is fewer than the {species} clusters (one per true species)"
-            )
-        n_clusters = species
+        n_clusters = _species_clusters(species, n, encoder)
 
     pred, reduced, info = cluster_embeddings(
         x, n_clusters=n_clusters, distance_threshold=distance_threshold, reduction=reduction,

@@ -186,4 +186,5 @@ def finetune_accuracy(config, model, data, tokenizer, mesh) -> dict[str, Any]:
     :func:`bioscan_jax.eval.evaluators.labelled_accuracy`, as the per-epoch validation accuracy)."""
     predicted, species = species_predictions(config, model, data[config.data.test_split], tokenizer, mesh)
     acc = evaluators.labelled_accuracy(predicted, species)
-    return {"accuracy": acc["accuracy"], "n_test": acc["n"], "n_excluded": acc["n_excluded"]}
+    return {"accuracy": acc["accuracy"], "ci95": acc["ci95"], "n": acc["n"], "n_test": acc["n"],
+            "n_excluded": acc["n_excluded"]}

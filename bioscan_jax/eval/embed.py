@@ -46,6 +46,21 @@ def _jitted_forward(graphdef, embed_fn: EmbedFn, out_sharding):
     return jax.jit(forward, out_shardings=out_sharding)
 
 
+def _any_process_has_a_batch(has_batch: bool, had_batch: bool, processes: int) -> bool:
+    """Whether the loop goes on: some process still has a batch. With several processes all
+    stop together, and a process that never had a record is an error on every process."""
+    if processes == 1:
+        return has_batch
+    # [has a batch now, has seen a batch] per process: stop together, fail together.
+    flags = mesh_lib.gather_same_shape(np.asarray([has_batch, has_batch or had_batch], np.int32))
+    if not flags[:, 0].any():
+        return False
+    if not flags[:, 1].all():
+        raise ValueError(f"processes {np.flatnonzero(flags[:, 1] == 0).tolist()} have no records to embed "
+                         f"while others do: the split is smaller than the number of processes")
+    return True
+
+
 def embed_batches(
     model: nnx.Module,
     batches: Iterable[Mapping[str, np.ndarray]],
@@ -96,16 +111,7 @@ def embed_batches(
     iterator = iter(batches)
     while True:
         local = next(iterator, None)
-        if processes > 1:
-            # [has a batch now, has seen a batch] per process: stop together, fail together.
-            flags = mesh_lib.gather_same_shape(
-                np.asarray([local is not None, local is not None or template is not None], np.int32))
-            if not flags[:, 0].any():
-                break
-            if not flags[:, 1].all():
-                raise ValueError(f"processes {np.flatnonzero(flags[:, 1] == 0).tolist()} have no records to embed "
-                                 f"while others do: the split is smaller than the number of processes")
-        elif local is None:
+        if not _any_process_has_a_batch(local is not None, template is not None, processes):
             break
         if local is not None:
             arrays = {k: np.asarray(v) for k, v in local.items() if np.asarray(v).dtype.kind in "biuf"}

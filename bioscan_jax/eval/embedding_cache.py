@@ -17,15 +17,13 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 import numpy as np
-from flax import nnx
 
 from bioscan_jax.eval import embed as embed_lib
 from bioscan_jax.eval import zsc_encoders
 from bioscan_jax.eval.zsc_encoders import KEEP, Encoder
 from bioscan_jax import config_access
-from bioscan_jax import sharding as mesh_lib
+from bioscan_jax.models import params as params_lib
 
 logger = logging.getLogger(__name__)
 
@@ -47,13 +45,7 @@ def model_fingerprint(name: str, config) -> str:
     return fingerprint(parts)
 
 
-def place_on_mesh(model: nnx.Module, mesh, rules) -> None:
-    """Puts the model's variables on the mesh (sharded by the logical-axis rules) in place."""
-    state = nnx.state(model)
-    shardings = mesh_lib.variable_shardings(state, mesh, mesh_lib.normalize_rules(rules))
-    pure = jax.device_put(state.to_pure_dict(), shardings)
-    state.replace_by_pure_dict(pure)
-    nnx.update(model, state)
+place_on_mesh = params_lib.place_on_mesh
 
 
 def embedding_path(workdir: str, split: str, name: str) -> str:

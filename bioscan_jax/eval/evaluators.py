@@ -36,6 +36,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from bioscan_jax.eval.intervals import accuracy_with_interval
 from bioscan_jax.models import towers
 from bioscan_jax.checkpoint import Checkpointer, complete_steps
 
@@ -44,13 +45,12 @@ logger = logging.getLogger(__name__)
 
 def labelled_accuracy(predicted: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     """Share of rows with ``predicted == labels`` among the rows with a label (``labels >= 0``;
-    unlabelled rows are ``MISSING_INDEX``): ``{'accuracy', 'n', 'n_excluded'}``; the accuracy is
-    NaN when no row has a label."""
+    unlabelled rows are ``MISSING_INDEX``): ``{'accuracy', 'ci95', 'n', 'n_excluded'}`` (``ci95``:
+    :func:`bioscan_jax.eval.intervals.bootstrap_interval`); the accuracy is NaN when no row has a label."""
     predicted, labels = np.asarray(predicted), np.asarray(labels)
     labelled = labels >= 0
     correct = predicted[labelled].astype(np.int64) == labels[labelled]
-    return {"accuracy": float(correct.mean()) if labelled.any() else float("nan"),
-            "n": int(labelled.sum()), "n_excluded": int((~labelled).sum())}
+    return {**accuracy_with_interval(correct), "n_excluded": int((~labelled).sum())}
 
 
 class Accuracy:

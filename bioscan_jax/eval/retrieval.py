@@ -129,25 +129,10 @@ def evaluate_retrieval(
       NaN accuracies and ``n_used == 0``.
     """
     ks = tuple(int(k) for k in ks)
-    if missing_labels not in MISSING_LABELS:
-        raise ValueError(f"unknown missing_labels {missing_labels!r}; valid: {', '.join(MISSING_LABELS)}")
-    if not ks or min(ks) < 1:
-        raise ValueError(f"ks must be positive integers, got {ks}")
     query_emb, key_emb = jnp.asarray(query_emb), jnp.asarray(key_emb)
     n_queries, n_keys = query_emb.shape[0], key_emb.shape[0]
-    if n_queries == 0:
-        raise ValueError(f"query split {query_split!r} is empty")
-    if n_keys == 0:
-        raise ValueError(f"key split {key_split!r} is empty")
-    for name, labels, n, split in (("query", query_labels, n_queries, query_split), ("key", key_labels, n_keys, key_split)):
-        for rank in ranks:
-            if rank not in labels:
-                raise ValueError(f"{name} labels of split {split!r} have no rank {rank!r}")
-            if np.shape(labels[rank]) != (n,):
-                raise ValueError(
-                    f"{name} labels of split {split!r} at rank {rank!r} have shape "
-                    f"{np.shape(labels[rank])}, expected ({n},)"
-                )
+    _check_inputs(ks, missing_labels, ranks, (("query", query_labels, n_queries, query_split),
+                                              ("key", key_labels, n_keys, key_split)))
 
     query_ok, key_ok = finite_rows(query_emb), finite_rows(key_emb)
     if not query_ok.any():
@@ -171,27 +156,49 @@ def evaluate_retrieval(
         "n_keys_nan": int((~key_ok).sum()),
     }
     for rank in ranks:
-        true = np.asarray(query_labels[rank]).astype(np.int64)
-        key_true = np.asarray(key_labels[rank]).astype(np.int64)
-        pred = key_true[indices]  # [Q, max_k]
-        labelled = true != MISSING_INDEX
-        # 'class': MISSING_INDEX is a label like any other, so it matches an unlabelled key
-        used = query_ok & labelled if missing_labels == "exclude" else query_ok
-        hits = np.stack(
-            [np.any(pred[used, :k] == true[used, None], axis=1) for k in ks], axis=1
-        )
-        metrics = _per_rank_metrics(hits, true[used], ks)
-        metrics.update(
-            n_used=int(used.sum()),
-            n_unlabelled=int((query_ok & ~labelled).sum()),
-            n_excluded_unlabelled=int((query_ok & ~labelled & ~used).sum()),
-            n_excluded_nan=int((~query_ok).sum()),
-            n_classes=int(np.unique(true[used]).size),
-            n_keys_unlabelled=int((key_ok & (key_true == MISSING_INDEX)).sum()),
-        )
-        metrics["n_excluded"] = metrics["n_excluded_unlabelled"] + metrics["n_excluded_nan"]
-        result[rank] = metrics
+        result[rank] = _rank_metrics(np.asarray(query_labels[rank]).astype(np.int64),
+                                     np.asarray(key_labels[rank]).astype(np.int64), indices, query_ok, key_ok,
+                                     ks=ks, missing_labels=missing_labels)
     return result
+
+
+def _check_inputs(ks: tuple[int, ...], missing_labels: str, ranks: Sequence[str], sets) -> None:
+    """One-line errors for bad arguments: ``sets`` is ``(name, labels, n, split)`` per side."""
+    if missing_labels not in MISSING_LABELS:
+        raise ValueError(f"unknown missing_labels {missing_labels!r}; valid: {', '.join(MISSING_LABELS)}")
+    if not ks or min(ks) < 1:
+        raise ValueError(f"ks must be positive integers, got {ks}")
+    for name, labels, n, split in sets:
+        if n == 0:
+            raise ValueError(f"{name} split {split!r} is empty")
+    for name, labels, n, split in sets:
+        for rank in ranks:
+            if rank not in labels:
+                raise ValueError(f"{name} labels of split {split!r} have no rank {rank!r}")
+            if np.shape(labels[rank]) != (n,):
+                raise ValueError(f"{name} labels of split {split!r} at rank {rank!r} have shape "
+                                 f"{np.shape(labels[rank])}, expected ({n},)")
+
+
+def _rank_metrics(true: np.ndarray, key_true: np.ndarray, indices: np.ndarray, query_ok: np.ndarray,
+                  key_ok: np.ndarray, *, ks: tuple[int, ...], missing_labels: str) -> dict[str, Any]:
+    """The accuracies and counts of one rank (:func:`evaluate_retrieval`'s per-rank dict)."""
+    pred = key_true[indices]  # [Q, max_k]
+    labelled = true != MISSING_INDEX
+    # 'class': MISSING_INDEX is a label like any other, so it matches an unlabelled key
+    used = query_ok & labelled if missing_labels == "exclude" else query_ok
+    hits = np.stack([np.any(pred[used, :k] == true[used, None], axis=1) for k in ks], axis=1)
+    metrics = _per_rank_metrics(hits, true[used], ks)
+    metrics.update(
+        n_used=int(used.sum()),
+        n_unlabelled=int((query_ok & ~labelled).sum()),
+        n_excluded_unlabelled=int((query_ok & ~labelled & ~used).sum()),
+        n_excluded_nan=int((~query_ok).sum()),
+        n_classes=int(np.unique(true[used]).size),
+        n_keys_unlabelled=int((key_ok & (key_true == MISSING_INDEX)).sum()),
+    )
+    metrics["n_excluded"] = metrics["n_excluded_unlabelled"] + metrics["n_excluded_nan"]
+    return metrics
 
 
 def retrieval_report(

@@ -57,6 +57,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from flax.core import spmd as core_spmd
 
@@ -566,6 +567,35 @@ def copy_layers(src: Encoder, dst: Encoder) -> None:
         state = nnx.state(block, nnx.Param)
         state.replace_by_pure_dict(params)
         nnx.update(block, state)
+
+
+def _is_unrolled(node: Any) -> bool:
+    """Whether a pure-dict ``layers`` node is the unrolled layout (keys 0..n-1, int or digit str)."""
+    return isinstance(node, dict) and bool(node) and all(str(k).isdigit() for k in node)
+
+
+def match_layer_layout(pure: Any, like: Any) -> Any:
+    """``pure`` (a nested dict of parameters, e.g. a converted or pretrained encoder) with every
+    :class:`Encoder`'s ``layers`` in the layout of ``like`` (the target's nested dict): unrolled
+    blocks ``{0: {...}, 1: {...}}`` are stacked along a new first axis for a scanned encoder, and a
+    stacked block is split per layer for an unrolled one. Other entries pass through unchanged
+    (a shape or path mismatch is left for the caller's check to report)."""
+    if not isinstance(pure, dict) or not isinstance(like, dict):
+        return pure
+    out = {}
+    for key, value in pure.items():
+        target = like.get(key)
+        if target is None and str(key).isdigit():  # restored checkpoints name layer indices as strings
+            target = like.get(int(key), like.get(str(key)))
+        if key == "layers" and isinstance(target, dict) and isinstance(value, dict):
+            if _is_unrolled(value) and not _is_unrolled(target):
+                blocks = [value[k] for k in sorted(value, key=lambda k: int(k))]
+                value = jax.tree.map(lambda *a: np.stack([np.asarray(x) for x in a]), *blocks)
+            elif _is_unrolled(target) and not _is_unrolled(value):
+                n = len(target)
+                value = {i: jax.tree.map(lambda a, i=i: np.asarray(a)[i], value) for i in range(n)}
+        out[key] = match_layer_layout(value, target) if target is not None else value
+    return out
 
 
 def _stacked_blocks(cfg: BlockConfig, num_layers: int, rngs: nnx.Rngs) -> TransformerBlock:

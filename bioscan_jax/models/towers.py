@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bioscan_jax.models import kmer_bert, layers, text, vit
+from bioscan_jax.models import kmer_bert, layers, params, text, vit
 
 Array = jax.Array
 
@@ -231,24 +231,11 @@ def encoder_of(model: ClibdModel, modality: str) -> nnx.Module:
     return tower.encoder
 
 
-def _plain_path(path) -> tuple[Any, ...]:
-    return tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
-
-
 def load_params(module: nnx.Module, state: nnx.State | Mapping[str, Any], what: str) -> None:
     """Copies ``state`` (an ``nnx.State`` or pure dict of ``module``'s ``nnx.Param``s) into
-    ``module`` in place; shapes must match exactly, a mismatch lists the differing paths."""
-    target = nnx.state(module, nnx.Param)
-    pure = state.to_pure_dict() if isinstance(state, nnx.State) else dict(state)
-    pure = nnx.restore_int_paths(pure)  # checkpoints restore layer indices as strings
-    want = {path: tuple(jnp.shape(v)) for path, v in nnx.to_flat_state(target)}
-    have = {_plain_path(path): tuple(jnp.shape(v)) for path, v in jax.tree_util.tree_flatten_with_path(pure)[0]}
-    if want != have:
-        diff = sorted(".".join(map(str, p)) for p in set(want) ^ set(have)
-                      | {p for p in set(want) & set(have) if want[p] != have[p]})
-        raise ValueError(f"pretrained {what} does not match the model: {diff[:10]}")
-    target.replace_by_pure_dict(pure)
-    nnx.update(module, target)
+    ``module`` in place (:func:`bioscan_jax.models.params.copy_into`: layer layout matched, paths
+    and shapes checked)."""
+    params.copy_into(module, state, f"pretrained {what}")
 
 
 def load_encoder_state(model: ClibdModel, modality: str, state: nnx.State | Mapping[str, Any]) -> None:

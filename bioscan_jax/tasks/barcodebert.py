@@ -26,7 +26,7 @@ from flax import nnx
 
 from bioscan_jax.data import dna as dna_lib
 from bioscan_jax.data import schema, sources
-from bioscan_jax.eval import dna_probes, probes
+from bioscan_jax.eval import dna_probes, evaluators, probes
 from bioscan_jax.eval.dna_probes import validation_split
 from bioscan_jax.models import kmer_bert
 from bioscan_jax.train import curves, loop, stages
@@ -136,7 +136,12 @@ def selected_model(config, data, tokenizer, mesh, workdir: str, result: loop.Tra
     else:
         step = result.step
         value = logged_value(os.path.join(workdir, "finetune"), dna_probes.VAL_METRIC, step) if split is not None else None
-    val = {"split": split, "records": len(data[split]), "accuracy": value} if split is not None else None
+    val = None
+    if split is not None:  # scored again for its interval: the value logged at that step, with ci95 and n
+        scored = evaluators.labelled_accuracy(*dna_probes.species_predictions(config, model, data[split], tokenizer,
+                                                                              mesh))
+        val = {"split": split, "records": len(data[split]), "accuracy": value, "ci95": scored["ci95"],
+               "n": scored["n"]}
     return model, {"select": select, "selected_step": int(step), "val": val}
 
 
@@ -155,30 +160,31 @@ def summary_table(summary: dict[str, Any]) -> str:
     finetuned = summary.get("finetune", {})
     which = ", best-val epoch" if finetuned.get("select") == "best_val" else ""
     rows = [
-        (f"Fine-tuned species accuracy (test{which})", finetuned.get("accuracy")),
-        (f"Fine-tuned species accuracy (val{which})", (finetuned.get("val") or {}).get("accuracy")),
+        (f"Fine-tuned species accuracy (test{which})", finetuned),
+        (f"Fine-tuned species accuracy (val{which})", finetuned.get("val") or {}),
         (f"Linear probe {probed.get('linear', {}).get('rank', 'species')} accuracy (test{not_pretrained})",
-         probed.get("linear", {}).get("accuracy")),
-        (f"1-NN {rank} accuracy, unseen species ({encoder})", probed.get("knn", {}).get("accuracy")),
-        (f"1-NN {rank} accuracy, unseen species (random init)", probed.get("knn_random_init", {}).get("accuracy")),
+         probed.get("linear", {})),
+        (f"1-NN {rank} accuracy, unseen species ({encoder})", probed.get("knn", {})),
+        (f"1-NN {rank} accuracy, unseen species (random init)", probed.get("knn_random_init", {})),
         (f"1-NN {rank} accuracy, unseen species (k-mer counts, k={probed.get('kmer_baseline', {}).get('k')})",
-         probed.get("kmer_baseline", {}).get("accuracy")),
+         probed.get("kmer_baseline", {})),
     ]
-    lines = ["| metric | % |", "|---|---:|"]
-    for name, value in rows:
-        if value is not None:
-            lines.append(f"| {name} | {100 * value:.2f} |")
+    lines = ["| metric | % | 95% CI | n |", "|---|---:|---|---:|"]
+    for name, entry in rows:
+        if entry.get("accuracy") is None:
+            continue
+        ci = entry.get("ci95")
+        interval = f"{100 * ci[0]:.1f}–{100 * ci[1]:.1f}" if ci else ""
+        lines.append(f"| {name} | {100 * entry['accuracy']:.2f} | {interval} | {entry.get('n', '')} |")
     return "\n".join(lines)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Pretrain → probes → fine-tune (``config.stages``; fine-tuning can start its head from the
-    probes' species linear probe); returns and writes the summary."""
-    t_start = time.perf_counter()
+def check_config(config: ml_collections.ConfigDict) -> list[str]:
+    """Every config error of the task, as one line, before any data is built; returns the stages
+    to run (``config.stages``)."""
     wanted = _check_stages(config)
-    model_cfg = kmer_bert.config_from(config.model)
     mesh = mesh_lib.make_mesh(config.mesh)
-    for stage in ("pretrain", "finetune"):  # fail on config errors before any compute
+    for stage in ("pretrain", "finetune"):
         if stage in wanted:
             loop.validate_config(stages.stage_config(config, config[stage]), steps_per_epoch=1)
     mesh_lib.validate_batch(config.probe.eval_batch_size, mesh)
@@ -193,13 +199,26 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                          "(fine-tuning starts from its encoder); add 'pretrain' (a finished pretraining in "
                          "the workdir is restored, not trained again)")
     dna_probes.check_finetune_selection(config)
-    os.makedirs(workdir, exist_ok=True)
     if config.probe.linear_recipe not in probes.LINEAR_RECIPES:
         raise ValueError(f"unknown config.probe.linear_recipe {config.probe.linear_recipe!r}; "
                          f"valid: {', '.join(probes.LINEAR_RECIPES)}")
     if config.finetune.get("pooling", "masked_mean") not in kmer_bert.POOLINGS:
         raise ValueError(f"unknown config.finetune.pooling {config.finetune.pooling!r}; "
                          f"valid: {', '.join(kmer_bert.POOLINGS)}")
+    if config.model.tokenization not in dna_lib.TOKENIZATION_PROTOCOLS:
+        raise ValueError(f"unknown config.model.tokenization {config.model.tokenization!r}; "
+                         f"valid: {', '.join(dna_lib.TOKENIZATION_PROTOCOLS)}")
+    return wanted
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Pretrain → probes → fine-tune (``config.stages``; fine-tuning can start its head from the
+    probes' species linear probe); returns and writes the summary."""
+    t_start = time.perf_counter()
+    wanted = check_config(config)
+    model_cfg = kmer_bert.config_from(config.model)
+    mesh = mesh_lib.make_mesh(config.mesh)
+    os.makedirs(workdir, exist_ok=True)
     tokenizer = dna_lib.tokenizer_for(config.model.tokenization, model_cfg.k,
                                       max_nucleotides=config.data.max_nucleotides)
     data = open_data(config)
@@ -211,51 +230,71 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     logger.info("data %s: %s", data.description, summary["split_sizes"])
     check_batches_fit(config, data, wanted)
 
-    encoder = None
-    encoder_identity = ""
-    head = None
+    encoder, encoder_identity, head = None, "", None
     if "pretrain" in wanted:
-        t0 = time.perf_counter()
-        val = validation_split(config)
-        if val is None:
-            logger.info("pretraining reports no validation loss: %s", dna_probes.no_validation_reason(config))
-        validation = stages.mlm_validation(config.pretrain, data[val], tokenizer, seed=config.seed, mesh=mesh,
-                                           rules=mesh_lib.normalize_rules(config.sharding_rules),
-                                           batch_size=config.probe.eval_batch_size) if val else None
-        result = stages.pretrain_mlm(config, config.pretrain, data, sources.pretrain_split(config.data), model_cfg,
-                                     tokenizer, os.path.join(workdir, "pretrain"),
-                                     worker_count=config.data.worker_count,
-                                     evaluators=[validation] if validation else ())
-        encoder = result.model().bert
-        encoder_identity = result.fingerprint
-        summary["pretrain"] = {"steps": result.step, "seconds": time.perf_counter() - t0,
-                               "run_identity": result.fingerprint}
+        encoder, encoder_identity, summary["pretrain"] = _pretrain(config, data, model_cfg, tokenizer, mesh, workdir)
     if "probes" in wanted:
-        probed, probe_encoder = PRETRAINED, encoder
-        if encoder is None:  # fine-tuning never starts from this one
-            logger.warning("probes without the pretrain stage: probing a random-init encoder "
-                           "(the pretrain checkpoints in the workdir are not read)")
-            probed, probe_encoder = NOT_PRETRAINED, kmer_bert.KmerBert(model_cfg, rngs=nnx.Rngs(config.seed))
-        t0 = time.perf_counter()
-        summary["probes"] = dna_probes.run_probes(config, data, model_cfg, tokenizer, probe_encoder, mesh)
-        summary["probes"]["encoder"] = probed
-        head = summary["probes"]["linear"].pop("head")
-        if config.probe.linear_rank != "species" or encoder is None:  # a species head of the pretrained encoder
-            head = None
-        summary["probes"]["seconds"] = time.perf_counter() - t0
+        summary["probes"], head = _probes(config, data, model_cfg, tokenizer, encoder, mesh)
     if "finetune" in wanted:
-        t0 = time.perf_counter()
-        if head_init == "random":
-            head = None
-        elif head is None:  # encoder is the pretrained one: checked before any compute
-            head = dna_probes.probe_head(config, data, tokenizer, encoder, mesh)
-        result = finetune(config, data, model_cfg, tokenizer, encoder, workdir, head=head,
-                          encoder_identity=encoder_identity, mesh=mesh)
-        model, selected = selected_model(config, data, tokenizer, mesh, workdir, result)
-        summary["finetune"] = {**dna_probes.finetune_accuracy(config, model, data, tokenizer, mesh),
-                               "head_init": head_init, "steps": result.step, **selected,
-                               "seconds": time.perf_counter() - t0, "run_identity": result.fingerprint}
+        summary["finetune"] = _finetune(config, data, model_cfg, tokenizer, encoder, encoder_identity, head, mesh,
+                                        workdir)
     summary["seconds"] = time.perf_counter() - t_start
+    _write_summary(summary, workdir)
+    return summary
+
+
+def _pretrain(config, data, model_cfg, tokenizer, mesh, workdir: str):
+    """The MLM pretraining stage (with its validation loss): ``(encoder, run identity, summary)``."""
+    t0 = time.perf_counter()
+    val = validation_split(config)
+    if val is None:
+        logger.info("pretraining reports no validation loss: %s", dna_probes.no_validation_reason(config))
+    validation = stages.mlm_validation(config.pretrain, data[val], tokenizer, seed=config.seed, mesh=mesh,
+                                       rules=mesh_lib.normalize_rules(config.sharding_rules),
+                                       batch_size=config.probe.eval_batch_size) if val else None
+    result = stages.pretrain_mlm(config, config.pretrain, data, sources.pretrain_split(config.data), model_cfg,
+                                 tokenizer, os.path.join(workdir, "pretrain"),
+                                 worker_count=config.data.worker_count,
+                                 evaluators=[validation] if validation else ())
+    summary = {"steps": result.step, "seconds": time.perf_counter() - t0, "run_identity": result.fingerprint}
+    return result.model().bert, result.fingerprint, summary
+
+
+def _probes(config, data, model_cfg, tokenizer, encoder, mesh):
+    """The linear and 1-NN probes of ``encoder`` (a random-init one, said so, when there is no
+    pretraining): ``(summary, species head for LP-FT or None)``."""
+    probed, probe_encoder = PRETRAINED, encoder
+    if encoder is None:  # fine-tuning never starts from this one
+        logger.warning("probes without the pretrain stage: probing a random-init encoder "
+                       "(the pretrain checkpoints in the workdir are not read)")
+        probed, probe_encoder = NOT_PRETRAINED, kmer_bert.KmerBert(model_cfg, rngs=nnx.Rngs(config.seed))
+    t0 = time.perf_counter()
+    summary = dna_probes.run_probes(config, data, model_cfg, tokenizer, probe_encoder, mesh)
+    summary["encoder"] = probed
+    head = summary["linear"].pop("head")
+    if config.probe.linear_rank != "species" or encoder is None:  # a species head of the pretrained encoder
+        head = None
+    summary["seconds"] = time.perf_counter() - t0
+    return summary, head
+
+
+def _finetune(config, data, model_cfg, tokenizer, encoder, encoder_identity: str, head, mesh, workdir: str):
+    """Species fine-tuning from ``encoder`` and the head ``finetune.head_init`` asks for; its summary."""
+    t0 = time.perf_counter()
+    head_init = config.finetune.get("head_init", "random")
+    if head_init == "random":
+        head = None
+    elif head is None:  # encoder is the pretrained one: checked before any compute
+        head = dna_probes.probe_head(config, data, tokenizer, encoder, mesh)
+    result = finetune(config, data, model_cfg, tokenizer, encoder, workdir, head=head,
+                      encoder_identity=encoder_identity, mesh=mesh)
+    model, selected = selected_model(config, data, tokenizer, mesh, workdir, result)
+    return {**dna_probes.finetune_accuracy(config, model, data, tokenizer, mesh),
+            "head_init": head_init, "steps": result.step, **selected,
+            "seconds": time.perf_counter() - t0, "run_identity": result.fingerprint}
+
+
+def _write_summary(summary: dict[str, Any], workdir: str) -> None:
     table = summary_table(summary)
     print(table, flush=True)
     with open(os.path.join(workdir, "summary.json"), "w") as f:
@@ -263,4 +302,3 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     with open(os.path.join(workdir, "summary.md"), "w") as f:
         f.write(table + "\n")
     curves.plot_curves(workdir, ("pretrain", "finetune"), val_metric=dna_probes.VAL_METRIC)
-    return summary

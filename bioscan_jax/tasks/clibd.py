@@ -133,7 +133,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     by_setting: dict[str, Any] = {}
     if config.eval.no_alignment:
         t0 = time.perf_counter()
-        baseline = clibd_train.model_factory(setup, pretrained)(make_rngs(config.seed))
+        baseline = clibd_train.build_model(setup, pretrained, make_rngs(config.seed))
         by_setting[clibd_train.NO_ALIGNMENT] = clibd_eval.evaluate(config, baseline, setup, batches)
         summary["no_alignment_eval_seconds"] = time.perf_counter() - t0
         del baseline

@@ -26,6 +26,7 @@ from bioscan_jax.data import dna as dna_lib
 from bioscan_jax.data import pipeline, schema, sources
 from bioscan_jax.data import text as text_lib
 from bioscan_jax.models import kmer_bert, towers, vit
+from bioscan_jax.models import params as params_lib
 from bioscan_jax.models import text as text_model
 from bioscan_jax import checkpoint as checkpoint_lib
 from bioscan_jax.train import loop, stages
@@ -288,7 +289,8 @@ def pretrained_encoders(config, setup: ClibdSetup, workdir: str) -> dict[str, di
     if image_init:
         from bioscan_jax.convert import hf_vit, hub
 
-        encoder = vit.ViT(mcfg.image, rngs=nnx.Rngs(0))
+        # converters fill unrolled blocks; the tower may stack them (scan_layers): the warm start restacks
+        encoder = vit.ViT(dataclasses.replace(mcfg.image, scan_layers=False, remat=False), rngs=nnx.Rngs(0))
         loader = hf_vit.load_timm_vit if config.model.image.get("init_format", "hf") == "timm" else hf_vit.load_hf_vit
         loader(encoder, str(hub.resolve(image_init, what="config.model.image.init")), strict=False)
         out["image"] = nnx.state(encoder, nnx.Param).to_pure_dict()
@@ -296,25 +298,44 @@ def pretrained_encoders(config, setup: ClibdSetup, workdir: str) -> dict[str, di
     if text_init:
         from bioscan_jax.convert import hf_bert, hub
 
-        encoder = text_model.TextEncoder(mcfg.text, rngs=nnx.Rngs(0))
+        encoder = text_model.TextEncoder(dataclasses.replace(mcfg.text, scan_layers=False, remat=False), rngs=nnx.Rngs(0))
         hf_bert.load_hf_bert(encoder, str(hub.resolve(text_init, what="config.model.text.init")), strict=False)
         out["text"] = nnx.state(encoder, nnx.Param).to_pure_dict()
     return out
 
 
-def model_factory(setup: ClibdSetup, pretrained: Mapping[str, Mapping[str, Any]]):
-    """``rngs -> ClibdModel`` with the pretrained encoders copied in (the train loop's factory)."""
+def model_factory(setup: ClibdSetup):
+    """``rngs -> ClibdModel`` at its random init (the train loop's factory). The pretrained
+    encoders come in through :func:`warm_start`, so the jitted init never carries them as
+    constants."""
 
     def factory(rngs: nnx.Rngs) -> towers.ClibdModel:
-        model = towers.ClibdModel(setup.model_config, rngs=rngs)
-        for modality, state in pretrained.items():
-            if modality == "dna_transform":
-                towers.load_dna_transform(model, state)
-            else:
-                towers.load_encoder_state(model, modality, state)
-        return model
+        return towers.ClibdModel(setup.model_config, rngs=rngs)
 
     return factory
+
+
+def warm_start(pretrained: Mapping[str, Any]) -> dict[str, Any]:
+    """The pretrained encoders (and a reference-mode DNA tower's MLM transform) as a sub-tree of
+    the model's parameters, for the train loop's ``warm_start``."""
+    tree: dict[str, Any] = {}
+    for modality, state in pretrained.items():
+        pure = params_lib.as_pure(state)
+        tower, part = ("dna", "transform") if modality == "dna_transform" else (modality, "encoder")
+        tree.setdefault(tower, {})[part] = pure
+    return tree
+
+
+def build_model(setup: ClibdSetup, pretrained: Mapping[str, Any], rngs: nnx.Rngs) -> towers.ClibdModel:
+    """The model outside training (eagerly): random init with the pretrained encoders copied in,
+    shapes checked (e.g. the "no alignment" baseline)."""
+    model = model_factory(setup)(rngs)
+    for modality, state in pretrained.items():
+        if modality == "dna_transform":
+            towers.load_dna_transform(model, state)
+        else:
+            towers.load_encoder_state(model, modality, state)
+    return model
 
 
 # ============================================================================= training
@@ -395,7 +416,8 @@ def train_clibd(config, workdir: str, *, setup: ClibdSetup | None = None,
     loop.validate_config(config, steps_per_epoch=spe)
     t0 = time.perf_counter()
     result = loop.train(
-        config, os.path.join(workdir, "train"), model_factory=model_factory(setup, pretrained),
+        config, os.path.join(workdir, "train"), model_factory=model_factory(setup),
+        warm_start=(lambda: warm_start(pretrained)) if pretrained else None,
         loss_fn=make_loss_fn(config), data_iter_factory=lambda: train_iterator(config, setup),
         steps_per_epoch=spe, identity=run_identity(config, setup, pretrained), evaluators=evaluators)
     summary = {"steps": result.step, "seconds": time.perf_counter() - t0, "n_train": len(setup.train_source),
@@ -437,11 +459,9 @@ def load_towers(workdir: str, config=None, *, step: int | None = None) -> towers
                                     "nor a CLIBD checkpoint file")
     vocab = wordpiece_vocab(config) or text_lib.TaxonomyVocab.load(os.path.join(workdir, VOCAB_FILE))
     mcfg = model_config(config, text_vocab_size=len(vocab))
-    params = checkpoint_lib.restore_params(os.path.join(workdir, "train", "checkpoints"), step)
+    values = checkpoint_lib.restore_params(os.path.join(workdir, "train", "checkpoints"), step)
     model = towers.ClibdModel(mcfg, rngs=nnx.Rngs(0))
-    state = nnx.state(model, nnx.Param)
-    state.replace_by_pure_dict(params)
-    nnx.update(model, state)
+    params_lib.copy_into(model, values, f"the CLIBD run {workdir}")
     return model
 
 

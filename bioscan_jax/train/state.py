@@ -38,6 +38,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bioscan_jax import sharding as mesh_lib
+from bioscan_jax.models import layers
+from bioscan_jax.models import params as params_lib
 
 ModelFactory = Callable[[nnx.Rngs], nnx.Module]
 TrainState = dict[str, Any]
@@ -64,8 +66,7 @@ class TrainSetup:
         return nnx.merge(self.graphdef, state["params"], state["model_state"])
 
 
-def _path_key(path: tuple[Any, ...]) -> tuple[Any, ...]:
-    return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+_path_key = params_lib.path_key
 
 
 def _opt_state_shardings(abstract_opt: Any, abstract_params: Any, param_shardings: Any, mesh: Mesh) -> Any:
@@ -152,6 +153,9 @@ def warm_start(setup: TrainSetup, state: TrainState, partial_params: Any) -> Tra
     its parameter's sharding. Unknown paths and shape mismatches raise. Preferable to copying
     weights inside the model factory, which would bake them into the compiled init as constants.
     """
+    # either Encoder layout warm-starts either (unrolled blocks <-> stacked for nnx.scan)
+    partial_params = layers.match_layer_layout(partial_params, state["params"])
+    partial_params = layers.match_layer_layout(params_lib.as_pure(partial_params), state["params"])
     flat_new = {_path_key(p): v for p, v in jax.tree_util.tree_flatten_with_path(partial_params)[0]}
     leaves, treedef = jax.tree_util.tree_flatten_with_path(state["params"])
     shardings = jax.tree.leaves(setup.shardings["params"])

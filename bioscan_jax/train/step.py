@@ -86,6 +86,30 @@ def _split_microbatches(batch: Batch, accum_steps: int, mesh) -> Batch:
     return jax.tree.map(split, batch)
 
 
+def _accumulated_gradients(grad_fn, params, model_state, batch: Batch, accum_steps: int, mesh, param_shardings):
+    """``(grads, loss, metrics, model_state)`` as means over ``accum_steps`` microbatches of
+    ``batch``, run one after the other (``lax.scan``); count metrics are summed."""
+    micro = _split_microbatches(batch, accum_steps, mesh)
+    first = jax.tree.map(lambda x: x[0], micro)
+    (_, (metrics_shape, _)), _ = jax.eval_shape(grad_fn, params, model_state, first)
+
+    def body(carry, mb):
+        g_acc, l_acc, m_acc, ms = carry
+        (l, (m, ms)), g = grad_fn(params, ms, mb)
+        g_acc = jax.tree.map(jnp.add, g_acc, g)
+        m_acc = {k: m_acc[k] + m[k] for k in m_acc}
+        return (g_acc, l_acc + l, m_acc, ms), None
+
+    zeros_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    zeros_g = jax.lax.with_sharding_constraint(zeros_g, param_shardings)
+    zeros_m = {k: jnp.zeros((), jnp.float32) for k in metrics_shape}
+    (grads, loss, metrics, model_state), _ = jax.lax.scan(
+        body, (zeros_g, jnp.zeros((), jnp.float32), zeros_m, model_state), micro)
+    grads = jax.tree.map(lambda g: g / accum_steps, grads)
+    metrics = {k: v if _is_count(k) else v / accum_steps for k, v in metrics.items()}
+    return grads, loss / accum_steps, metrics, model_state
+
+
 def make_train_step(
     setup: TrainSetup,
     loss_fn: LossFn,
@@ -121,26 +145,8 @@ def make_train_step(
         if accum_steps == 1:
             (loss, (metrics, model_state)), grads = grad_fn(params, model_state, batch)
         else:
-            micro = _split_microbatches(batch, accum_steps, mesh)
-            first = jax.tree.map(lambda x: x[0], micro)
-            out_shape = jax.eval_shape(grad_fn, params, model_state, first)
-            (_, (metrics_shape, _)), _ = out_shape
-
-            def body(carry, mb):
-                g_acc, l_acc, m_acc, ms = carry
-                (l, (m, ms)), g = grad_fn(params, ms, mb)
-                g_acc = jax.tree.map(jnp.add, g_acc, g)
-                m_acc = {k: m_acc[k] + m[k] for k in m_acc}
-                return (g_acc, l_acc + l, m_acc, ms), None
-
-            zeros_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-            zeros_g = jax.lax.with_sharding_constraint(zeros_g, param_shardings)
-            zeros_m = {k: jnp.zeros((), jnp.float32) for k in metrics_shape}
-            (grads, loss, metrics, model_state), _ = jax.lax.scan(
-                body, (zeros_g, jnp.zeros((), jnp.float32), zeros_m, model_state), micro)
-            grads = jax.tree.map(lambda g: g / accum_steps, grads)
-            loss = loss / accum_steps
-            metrics = {k: v if _is_count(k) else v / accum_steps for k, v in metrics.items()}
+            grads, loss, metrics, model_state = _accumulated_gradients(
+                grad_fn, params, model_state, batch, accum_steps, mesh, param_shardings)
         grads = jax.lax.with_sharding_constraint(grads, param_shardings)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)

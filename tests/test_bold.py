@@ -138,6 +138,27 @@ def test_tsv_bad_rows_are_counted_or_raised(tmp_path):
         bold.read_bold_tsv(path)
 
 
+def test_tsv_row_that_lost_a_field_is_a_malformed_line_not_a_bad_barcode(tmp_path):
+    good = "ACGTACGTACGTNNACGT"
+    path = tmp_path / "lost_tab.tsv"
+    path.write_text(
+        _HEADER
+        + f"P1\tS1\tBOLD:A1\tArthropoda\tInsecta\tDiptera\tMuscidae\tMusca\tMusca domestica\t{good}\t18\n"
+        # the tab between species and barcode was lost: the barcode would be read from sequence_len
+        + f"P2\tS2\tBOLD:A1\tArthropoda\tInsecta\tDiptera\tMuscidae\tMusca\tMusca domestica{good}\t18\n"
+        + f"P3\tS3\tBOLD:A1\tArthropoda\tInsecta\tDiptera\tMuscidae\tMusca\tMusca domestica\t{good}\t18\n"
+        + "P4\tS4\n"  # a truncated line
+        + f"P5\tS5\tBOLD:A1\tArthropoda\tInsecta\tDiptera\tMuscidae\tMusca\tMusca domestica\t{good}\t18\tx\n"
+    )
+    frame, report = bold.read_bold_tsv(path)
+    assert frame["processid"].tolist() == ["P1", "P3"]
+    assert report.skipped == {"malformed_line": 3} and report.rows_read == 5
+    assert report.examples["malformed_line"] == ["line 3", "line 5", "line 6"]
+    with pytest.raises(ValueError) as e:
+        bold.read_bold_tsv(path, errors="raise")
+    assert str(e.value) == f"{path}: line 3 has fewer fields (10) than the header (11); a tab may be missing"
+
+
 def test_marker_filter_and_read_dispatch(tmp_path):
     path = tmp_path / "markers.tsv"
     path.write_text("processid\tspecies_name\tmarkercode\tnucleotides\nA\tAus bus\tCOI-5P\tACGT\nB\tAus bus\tITS\tACGT\n")
@@ -145,6 +166,7 @@ def test_marker_filter_and_read_dispatch(tmp_path):
     assert frame["processid"].tolist() == ["A"] and report.skipped == {"other_marker": 1}
     frame, report = bold.read(path, marker=None)
     assert len(frame) == 2 and report.rows_skipped == 0
+    (tmp_path / "records.csv").write_text("processid,nucleotides\nA,ACGT\n")
     with pytest.raises(ValueError, match="unknown BOLD file type"):
         bold.read(tmp_path / "records.csv")
 

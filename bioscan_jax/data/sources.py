@@ -35,6 +35,8 @@ class Splits:
     sizes: dict[str, Any] = dataclasses.field(default_factory=dict)
     #: what the records are, independent of where the files lie (:func:`content_identity`)
     identity: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: a BOLD import's report (rows read, kept, skipped per reason with the first lines), else None
+    import_report: dict[str, Any] | None = None
 
     def __getitem__(self, split: str) -> Sequence[Mapping[str, Any]]:
         return self.sources[split]
@@ -253,7 +255,7 @@ def _open_bold(data: Any, splits: Sequence[str], seed: int) -> Splits:
     df, report = bold.read(data.path, require=("species", "genus"),
                            min_length=None if min_length is None else int(min_length),
                            max_length=None if max_length is None else int(max_length))
-    logger.info("BOLD import of %s: %s", data.path, report)
+    print(import_report_text(report), flush=True)
     test_fraction = float(data.test_fraction)
     bold.check_species_split(df, str(data.path), test_fraction=test_fraction)
     df = bold.assign_species_split(df, unseen_fraction=float(data.unseen_fraction),
@@ -274,4 +276,15 @@ def _open_bold(data: Any, splits: Sequence[str], seed: int) -> Splits:
                     if "pretrain" in names and "train" not in names else "")
             raise ValueError(f"split {split!r} of the BOLD import {data.path} is empty (present: {present}){hint}")
         sources[split] = [records[i] for i in picked]
-    return Splits(sources, maps, f"BOLD import {data.path}")
+    return Splits(sources, maps, f"BOLD import {data.path}", import_report=report.as_dict())
+
+
+def import_report_text(report: bold.ImportReport) -> str:
+    """The import's one-line summary, then one line per skip reason and note with its first
+    records or lines, as a user reads it before training starts."""
+    lines = [f"BOLD import: {report.summary()}"]
+    for what in (*sorted(report.skipped), *sorted(report.notes)):
+        examples = report.examples.get(what)
+        if examples:
+            lines.append(f"  {what}: first {', '.join(examples)}")
+    return "\n".join(lines)

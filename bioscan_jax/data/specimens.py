@@ -10,25 +10,37 @@ import pathlib
 
 import pandas as pd
 
+from bioscan_jax.data.bold import SNIFF_BYTES, check_text, one_line
+
 #: Column names accepted for the barcode and for the record id (first match, case-insensitive).
 BARCODE_COLUMNS = ("dna_barcode", "nucleotides", "sequence", "barcode", "seq")
 ID_COLUMNS = ("processid", "sampleid", "id", "record_id", "name")
 
 
 def _sniff(path: pathlib.Path) -> bytes:
+    """The first bytes of a text file; one line naming the file for gzip, empty or binary data
+    (:func:`bioscan_jax.data.bold.check_text`, and a NUL byte anywhere, which parsers drop
+    silently)."""
     with open(path, "rb") as f:
-        head = f.read(4096)
-    if head[:2] == b"\x1f\x8b":
-        raise ValueError(f"{path}: gzip-compressed data; decompress it first (gunzip)")
-    if not head.strip():
-        raise ValueError(f"{path}: the file is empty")
+        head = f.read(SNIFF_BYTES)
+        if head[:2] == b"\x1f\x8b":
+            raise ValueError(f"{path}: gzip-compressed data; decompress it first (gunzip)")
+        if not head.strip():
+            raise ValueError(f"{path}: the file is empty")
+        check_text(str(path), head)
+        offset = len(head)
+        for block in iter(lambda: f.read(1 << 20), b""):
+            nul = block.find(b"\0")
+            if nul >= 0:
+                raise ValueError(f"{path}: not a text file (binary data at byte {offset + nul})")
+            offset += len(block)
     return head
 
 
 def read_fasta(path: str | os.PathLike) -> pd.DataFrame:
     """``id`` (the header's first word) and ``dna_barcode`` (lines joined) of each record."""
     ids, seqs, current = [], [], None
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:  # -sig: a BOM is not text
         for line_no, line in enumerate(f, 1):
             line = line.strip()
             if not line:
@@ -51,12 +63,16 @@ def read_table(path: str | os.PathLike, head: bytes) -> pd.DataFrame:
     """A CSV/TSV (the delimiter is the header line's tab or comma) with a barcode column."""
     first = head.split(b"\n", 1)[0]
     sep = "\t" if b"\t" in first else ","
-    frame = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, encoding_errors="replace")
+    try:
+        frame = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, encoding_errors="replace")
+    except ValueError as e:  # pandas' ParserError / EmptyDataError: name the file, one line
+        kind = "TSV" if sep == "\t" else "CSV"
+        raise ValueError(f"{path}: unreadable {kind} ({one_line(str(e).strip())})") from None
     lower = {c.lower(): c for c in frame.columns}
     barcode = next((lower[c] for c in BARCODE_COLUMNS if c in lower), None)
     if barcode is None:
         raise ValueError(f"{path}: no barcode column (looked for {', '.join(BARCODE_COLUMNS)}); "
-                         f"columns found: {', '.join(map(str, frame.columns[:20]))}")
+                         f"columns found: {one_line(', '.join(map(str, frame.columns[:20])))}")
     ident = next((lower[c] for c in ID_COLUMNS if c in lower), None)
     ids = frame[ident].astype(str) if ident else pd.Series([f"row_{i + 1}" for i in range(len(frame))])
     out = pd.DataFrame({"id": ids.to_numpy(), "dna_barcode": frame[barcode].to_numpy()})
@@ -73,7 +89,8 @@ def read_barcodes(path: str | os.PathLike) -> pd.DataFrame:
     if not path.is_file():
         raise FileNotFoundError(f"no input file at {path}")
     head = _sniff(path)
-    frame = read_fasta(path) if head.lstrip().startswith(b">") else read_table(path, head)
+    fasta = head.removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b">")
+    frame = read_fasta(path) if fasta else read_table(path, head)
     if frame.empty:
         raise ValueError(f"{path}: no records")
     dup = frame["id"].duplicated()

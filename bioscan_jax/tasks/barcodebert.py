@@ -227,6 +227,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                "dedup_barcodes": bool(config.data.dedup_barcodes),
                                "tokenization": str(config.model.tokenization),
                                "split_sizes": data.sizes, "eval_sets": evaluated_sets(config, data)}
+    if data.import_report is not None:
+        summary["import_report"] = data.import_report
     logger.info("data %s: %s", data.description, summary["split_sizes"])
     check_batches_fit(config, data, wanted)
 

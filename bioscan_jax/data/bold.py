@@ -278,18 +278,7 @@ def read_bold_tsv(
     # index_col=False: never take the first column as an index
     options: dict[str, Any] = dict(sep="\t", dtype=str, keep_default_na=False, na_values=[""], quoting=csv.QUOTE_NONE,
                                    encoding_errors="replace", index_col=False)  # fmt: skip
-    with _pandas_errors(source):
-        names = [str(c).strip().lower() for c in pd.read_csv(path, nrows=0, **options).columns]
-    found = {col: next((a for a in aliases if a in names), None) for col, aliases in TSV_COLUMN_ALIASES.items()}
-    for needed in ("processid", "dna_barcode", *require):
-        if found.get(needed) is None:
-            raise ValueError(
-                f"{source}: no {needed} column; expected one of {TSV_COLUMN_ALIASES[needed]}, found {names}"
-            )
-    # only the columns the schema needs are parsed (the first of a name that appears twice)
-    positions = {col: names.index(name) for col, name in found.items() if name is not None}
-    marker_column = next((c for c in MARKER_COLUMNS if c in names), None)
-    marker_at = names.index(marker_column) if marker_column is not None and marker is not None else None
+    positions, marker_at = _tsv_columns(path, source, options, require, marker)
     usecols = sorted({*positions.values(), *([] if marker_at is None else [marker_at])})
     lines = scan.data_count
     for exact in (True, False):  # exact line numbers, unless pandas split the lines otherwise (a lone CR)
@@ -311,6 +300,17 @@ def read_bold_tsv(
             else:
                 if not exact or rows == lines - len(scan.bad_lines):
                     break
+    _count_unread_lines(report, source, errors, scan, exact=exact, lines=lines, rows=rows)
+    if not mapper.chunks:  # every line was skipped: map no rows, for the same report and error
+        mapper.add(pd.DataFrame({col: pd.Series([], dtype=object) for col in positions}), np.zeros(0, np.int64),
+                   markers=None if marker_at is None else pd.Series([], dtype=object))  # fmt: skip
+    return mapper.finish(), report
+
+
+def _count_unread_lines(report: ImportReport, source: str, errors: Errors, scan, *, exact: bool, lines: int,
+                        rows: int) -> None:
+    """Lines of the file that pandas did not return as rows (fields missing or too many):
+    ``malformed_line`` with their line numbers (or a one-line error); ``rows_read`` counts them."""
     if exact:
         dropped = [f"line {n}" for n in scan.bad_lines[:_EXAMPLES_PER_REASON]]
     else:
@@ -320,10 +320,25 @@ def read_bold_tsv(
             raise ValueError(f"{source}: {lines - rows} line(s) have more fields than the header")
         report.skip("malformed_line", dropped, count=lines - rows)
     report.rows_read = max(lines, rows)
-    if not mapper.chunks:  # every line was skipped: map no rows, for the same report and error
-        mapper.add(pd.DataFrame({col: pd.Series([], dtype=object) for col in positions}), np.zeros(0, np.int64),
-                   markers=None if marker_at is None else pd.Series([], dtype=object))  # fmt: skip
-    return mapper.finish(), report
+
+
+def _tsv_columns(path, source: str, options: Mapping[str, Any], require: Iterable[str],
+                 marker: str | None) -> tuple[dict[str, int], int | None]:
+    """The header's position of each schema column the file has (the first of a name that
+    appears twice) and of the marker column (``None`` without one, or when ``marker`` is None);
+    a missing processid, sequence or ``require`` column is a one-line error naming the file."""
+    with _pandas_errors(source):
+        names = [str(c).strip().lower() for c in pd.read_csv(path, nrows=0, **options).columns]
+    found = {col: next((a for a in aliases if a in names), None) for col, aliases in TSV_COLUMN_ALIASES.items()}
+    for needed in ("processid", "dna_barcode", *require):
+        if found.get(needed) is None:
+            raise ValueError(
+                f"{source}: no {needed} column; expected one of {TSV_COLUMN_ALIASES[needed]}, found {names}"
+            )
+    positions = {col: names.index(name) for col, name in found.items() if name is not None}
+    marker_column = next((c for c in MARKER_COLUMNS if c in names), None)
+    marker_at = names.index(marker_column) if marker_column is not None and marker is not None else None
+    return positions, marker_at
 
 
 def read_fasta(
@@ -378,28 +393,45 @@ def read_fasta(
             flush()
 
     with _open_bytes(path) as f, _gzip_errors(source):
-        header, header_line, chunks = None, 0, []
-        for number, data in _lines(f, source):
-            try:
-                line = data.decode("utf-8")
-            except UnicodeDecodeError:
-                line = data.decode("utf-8", errors="replace")
-                non_utf8.add(number)
-            line = line.strip().lstrip("\ufeff") if number == 1 else line.strip()
-            if line.startswith(">"):
-                if header is not None:
-                    add(header, header_line, "".join(chunks))
-                header, header_line, chunks = line[1:], number, []
-            elif line:
-                if header is None:
-                    orphan_lines.add(number)
-                else:
-                    chunks.append("".join(line.split()))
-        if header is not None:
-            add(header, header_line, "".join(chunks))
+        for header, header_line, sequence in _fasta_entries(f, source, non_utf8, orphan_lines):
+            add(header, header_line, sequence)
     if pending or not mapper.chunks:
         flush()
     _note_lines(report, "non_utf8_lines", non_utf8)
+    _check_fasta(source, errors, report, records, orphan_lines, malformed_lines, first_record, present, require)
+    return mapper.finish(), report
+
+
+def _fasta_entries(f: BinaryIO, source: str, non_utf8: "_Lines", orphan_lines: "_Lines"):
+    """``(header without '>', its line number, sequence)`` of each FASTA entry, sequences joined
+    over lines without whitespace; undecodable lines and sequence text before any header are
+    counted in ``non_utf8`` and ``orphan_lines``."""
+    header, header_line, chunks = None, 0, []
+    for number, data in _lines(f, source):
+        try:
+            line = data.decode("utf-8")
+        except UnicodeDecodeError:
+            line = data.decode("utf-8", errors="replace")
+            non_utf8.add(number)
+        line = line.strip().lstrip("\ufeff") if number == 1 else line.strip()
+        if line.startswith(">"):
+            if header is not None:
+                yield header, header_line, "".join(chunks)
+            header, header_line, chunks = line[1:], number, []
+        elif line:
+            if header is None:
+                orphan_lines.add(number)
+            else:
+                chunks.append("".join(line.split()))
+    if header is not None:
+        yield header, header_line, "".join(chunks)
+
+
+def _check_fasta(source: str, errors: Errors, report: ImportReport, records: int, orphan_lines: "_Lines",
+                 malformed_lines: "_Lines", first_record: tuple[int, str] | None, present: set[str],
+                 require: Iterable[str]) -> None:
+    """The whole-file checks of :func:`read_fasta` after every entry was read: one-line errors
+    for a file without records or taxonomy or a required column, and the counted skips."""
     if not records:
         what = "only sequence text" if orphan_lines.count else "nothing"
         raise ValueError(f"{source}: no FASTA record (no line starts with '>'; the file holds {what})")
@@ -427,7 +459,6 @@ def read_fasta(
                 f"{source}: no FASTA header has a {needed} (found {sorted(c for c in present if c in COLUMNS)}); "
                 f"add '|{needed}=...' to the headers"
             )
-    return mapper.finish(), report
 
 
 def _check_errors(errors: str) -> None:
@@ -818,8 +849,15 @@ class _Mapper:
             note(f"longer_than_{max_length}", np.flatnonzero(keep & (lengths > max_length)))
 
         kept = np.flatnonzero(keep)
+        arrays = self._chunk_arrays(fields, kept, np.asarray(barcodes, dtype=object), note)
+        self.chunks.append({column: arrays[column] for column in COLUMNS})
+        self._offsets.append(self._offsets[-1] + len(kept))
+
+    def _chunk_arrays(self, fields: pd.DataFrame, kept: np.ndarray, normalized: np.ndarray,
+                      note: Callable[[str, np.ndarray], None]) -> dict[str, Any]:
+        """The schema's columns of the kept rows of one chunk, as arrays (numbers parsed and range
+        checked, the barcode normalised or as written, ``taxon`` the lowest rank present)."""
         size = len(kept)
-        normalized = np.asarray(barcodes, dtype=object)
         strings: dict[str, np.ndarray] = {}  # the string columns, as object arrays until the end
         arrays: dict[str, Any] = {}  # the columns (the chunk is kept as arrays, not as a frame)
         for column in COLUMNS:
@@ -861,8 +899,7 @@ class _Mapper:
         strings["taxon"] = taxon
         for column, values in strings.items():
             arrays[column] = _string_array(values, COLUMN_DTYPES[column])
-        self.chunks.append({column: arrays[column] for column in COLUMNS})
-        self._offsets.append(self._offsets[-1] + size)
+        return arrays
 
     def finish(self) -> pd.DataFrame:
         """The frame of all chunks; writes the counts to the report; raises the first error."""

@@ -217,8 +217,6 @@ def evaluate(config, model: towers.ClibdModel, setup, batches: EvalBatches | Non
 
 #: CLIBD's model-selection score on the validation queries (``compute_overall_acc``).
 OVERALL_METRIC = "val/overall_acc"
-#: Where the best-on-validation parameters are kept, under the run's ``train/``.
-BEST_VAL_DIR = "best_val"
 
 
 class ValRetrieval:

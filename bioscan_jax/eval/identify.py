@@ -9,6 +9,12 @@ is calibrated on the reference itself (:func:`calibrate_novelty`): some species 
 whole ("novel" queries), some records of the others are held out ("known" queries), the rest are
 keys; the threshold maximises Youden's J (TPR - FPR) and its AUROC, precision and recall are
 reported.
+
+A reference may mix modalities (``bioscan-jax identify --images``: DNA barcodes and labelled
+images embedded by one CLIBD model's towers into one space): ``Reference.modality`` then names
+each key's modality, every output row says which modality its nearest key came from
+(``nearest_modality``), and the calibration's queries are the records of one modality
+(``query_modality``: image queries against DNA + image keys).
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from bioscan_jax.eval.knn import nearest_keys
 
 RANKS = ("order", "family", "genus", "species")
 INDEX_ARRAYS, INDEX_INFO = "index.npz", "index.json"
+#: Where :func:`calibrate_novelty` returns its held-out queries' scores (for plots; not for JSON).
+CALIBRATION_SCORES = "calibration_scores"
 
 
 @dataclasses.dataclass
@@ -38,12 +46,14 @@ class Reference:
     model: dict[str, Any]  # the embedder's description (spec, kind, ...)
     source: str = ""
     skipped: dict[str, int] = dataclasses.field(default_factory=dict)  # status -> count, not indexed
+    modality: np.ndarray | None = None  # [n] str ('dna', 'image') when the keys mix modalities
 
     def save(self, directory: str | os.PathLike) -> None:
         d = pathlib.Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         tmp = d / (INDEX_ARRAYS + ".tmp.npz")
-        np.savez(tmp, ids=self.ids.astype(str), embeddings=self.embeddings,
+        extra = {} if self.modality is None else {"modality": self.modality.astype(str)}
+        np.savez(tmp, ids=self.ids.astype(str), embeddings=self.embeddings, **extra,
                  **{f"label_{r}": v.astype(str) for r, v in self.labels.items()})
         os.replace(tmp, d / INDEX_ARRAYS)
         (d / INDEX_INFO).write_text(json.dumps({"model": self.model, "source": self.source, "records": len(self.ids),
@@ -59,7 +69,26 @@ class Reference:
         with np.load(d / INDEX_ARRAYS) as z:
             labels = {r: z[f"label_{r}"] for r in info["ranks"]}
             return cls(ids=z["ids"], embeddings=z["embeddings"], labels=labels, model=info["model"],
-                       source=info.get("source", ""), skipped=info.get("skipped", {}))
+                       source=info.get("source", ""), skipped=info.get("skipped", {}),
+                       modality=z["modality"] if "modality" in z.files else None)
+
+    def with_modality(self, name: str) -> "Reference":
+        """The same keys, each marked as of modality ``name``."""
+        return dataclasses.replace(self, modality=np.full(len(self.ids), name))
+
+
+def combine(references: Sequence[Reference], model: dict[str, Any]) -> Reference:
+    """One key set of several references of one model (each with its ``modality``; a specimen's
+    barcode and image may share an id: ``(modality, id)`` names a key); what each left out stays
+    counted under its modality."""
+    if any(r.modality is None for r in references):
+        raise ValueError("combine: every reference needs its modality (Reference.with_modality)")
+    ids = np.concatenate([r.ids for r in references])
+    skipped = {f"{r.modality[0] if len(r.modality) else '?'}: {k}": v for r in references for k, v in r.skipped.items()}
+    return Reference(ids=ids, embeddings=np.concatenate([r.embeddings for r in references]),
+                     labels={rank: np.concatenate([r.labels[rank] for r in references]) for rank in references[0].labels},
+                     model=model, source=" + ".join(r.source for r in references), skipped=skipped,
+                     modality=np.concatenate([r.modality for r in references]))
 
 
 def labels_of(frame: pd.DataFrame, ranks: Sequence[str] = RANKS) -> dict[str, np.ndarray]:
@@ -118,6 +147,11 @@ def identify(reference: Reference, ids: Sequence[str], embedded, *, threshold: f
         i, _ = top1(np.ones(len(reference.ids), bool))
         nearest[ok] = reference.ids[i]
     rows["nearest_id"] = nearest
+    if reference.modality is not None:
+        modality = np.full(n, "", dtype=object)
+        if ok.any():
+            modality[ok] = reference.modality[i]
+        rows["nearest_modality"] = modality
     score = 1.0 - rows["species_similarity"]
     rows["novel_score"] = score
     novel = np.full(n, "", dtype=object)
@@ -128,29 +162,46 @@ def identify(reference: Reference, ids: Sequence[str], embedded, *, threshold: f
     return pd.DataFrame(rows)
 
 
-def calibrate_novelty(reference: Reference, *, seed: int = 0, novel_fraction: float = 0.2,
-                      known_fraction: float = 0.2) -> dict[str, Any]:
-    """Leave-species-out calibration of the novelty threshold on the reference (module docstring)."""
-    from sklearn.metrics import roc_auc_score, roc_curve
-
-    species = reference.labels["species"]
-    names = np.unique(species[species != ""])
+def _calibration_split(species: np.ndarray, querying: np.ndarray, rng: np.random.Generator, novel_fraction: float,
+                       known_fraction: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """``(keys, known queries, novel queries, held-out species)`` as record indices: species whose
+    ``querying`` records are held out whole, a fraction of the ``querying`` records of the others;
+    every other record of the others is a key."""
+    names = np.unique(species[(species != "") & querying])
     if names.size < 5:
         raise ValueError(f"novelty calibration needs at least 5 reference species, found {names.size}")
-    rng = np.random.default_rng(seed)
     held_out = set(rng.choice(names, size=max(1, int(round(novel_fraction * names.size))), replace=False).tolist())
-    novel_q = np.flatnonzero(np.isin(species, list(held_out)))
+    novel_q = np.flatnonzero(np.isin(species, list(held_out)) & querying)
     known_q, keys = [], []
-    for name in names:
+    for name in np.unique(species[species != ""]):
         if name in held_out:
             continue
-        rows = rng.permutation(np.flatnonzero(species == name))
+        rows = rng.permutation(np.flatnonzero((species == name) & querying))
         n_q = int(round(known_fraction * rows.size)) if rows.size >= 2 else 0
         known_q.extend(rows[:n_q].tolist())
         keys.extend(rows[n_q:].tolist())
-    keys, known_q = np.asarray(keys), np.asarray(known_q, dtype=np.int64)
-    if known_q.size == 0:
+        keys.extend(np.flatnonzero((species == name) & ~querying).tolist())
+    if not known_q:
         raise ValueError("novelty calibration: no species has two or more reference records to hold one out")
+    return np.asarray(keys), np.asarray(known_q, dtype=np.int64), novel_q, len(held_out)
+
+
+def calibrate_novelty(reference: Reference, *, seed: int = 0, novel_fraction: float = 0.2,
+                      known_fraction: float = 0.2, query_modality: str | None = None) -> dict[str, Any]:
+    """Leave-species-out calibration of the novelty threshold on the reference (module docstring).
+    ``query_modality``: the queries are the reference records of that modality (e.g. ``'image'``:
+    images against the DNA and image keys); ``None``: every record may be a query. The held-out
+    queries' scores come back under :data:`CALIBRATION_SCORES` (``known``, ``novel``)."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    species = reference.labels["species"]
+    querying = np.ones(len(species), bool)
+    if query_modality is not None:
+        if reference.modality is None:
+            raise ValueError(f"novelty calibration for {query_modality} queries needs a reference of several modalities")
+        querying = reference.modality == query_modality
+    rng = np.random.default_rng(seed)
+    keys, known_q, novel_q, n_held_out = _calibration_split(species, querying, rng, novel_fraction, known_fraction)
     queries = np.concatenate([known_q, novel_q])
     is_novel = np.concatenate([np.zeros(known_q.size, bool), np.ones(novel_q.size, bool)])
     _, sim = _top1(reference.embeddings[queries], reference.embeddings[keys])
@@ -162,7 +213,16 @@ def calibrate_novelty(reference: Reference, *, seed: int = 0, novel_fraction: fl
     flagged = score > threshold
     precision = float((flagged & is_novel).sum() / max(flagged.sum(), 1))
     recall = float((flagged & is_novel).sum() / max(is_novel.sum(), 1))
-    return {"threshold": threshold, "auroc": auroc, "precision": precision, "recall": recall,
-            "false_positive_rate": float(fpr[best]), "held_out_species": len(held_out),
-            "novel_queries": int(novel_q.size), "known_queries": int(known_q.size), "keys": int(keys.size),
-            "seed": seed, "rule": "novel if 1 - (similarity of the nearest species-labelled record) > threshold"}
+    out = {"threshold": threshold, "auroc": auroc, "precision": precision, "recall": recall,
+           "false_positive_rate": float(fpr[best]), "held_out_species": n_held_out,
+           "novel_queries": int(novel_q.size), "known_queries": int(known_q.size), "keys": int(keys.size),
+           "seed": seed, "rule": "novel if 1 - (similarity of the nearest species-labelled record) > threshold"}
+    if query_modality is not None:
+        out["queries_modality"] = query_modality
+    out[CALIBRATION_SCORES] = {"known": score[~is_novel], "novel": score[is_novel]}
+    return out
+
+
+def without_scores(novelty: Mapping[str, Any]) -> dict[str, Any]:
+    """``novelty`` without :data:`CALIBRATION_SCORES` (what JSON files keep)."""
+    return {k: v for k, v in novelty.items() if k != CALIBRATION_SCORES}

@@ -69,7 +69,7 @@ def _validation(config, setup, batches, workdir: str):
     """The validation retrieval and the keeper of its best model (``train/best_val``), cleared
     when training starts from step 0 (a fresh run keeps nothing of an earlier one)."""
     val = clibd_eval.ValRetrieval(config, setup, batches, steps_per_epoch=clibd_train.steps_per_epoch(config, setup))
-    keeper = evaluators_lib.KeepBest(val, os.path.join(workdir, "train", clibd_eval.BEST_VAL_DIR),
+    keeper = evaluators_lib.KeepBest(val, os.path.join(workdir, "train", clibd_train.BEST_VAL_DIR),
                                      metric=clibd_eval.OVERALL_METRIC)
     if config.get("resume", "auto") == "restart" or not complete_steps(os.path.join(workdir, "train", "checkpoints")):
         keeper.clear()

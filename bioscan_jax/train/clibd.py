@@ -176,10 +176,16 @@ def prepare(config, workdir: str | None = None, *, splits: Sequence[str] | None 
             vocab.save(vocab_path)
     mcfg = model_config(config, text_vocab_size=len(vocab))
     k = mcfg.dna.k if mcfg.dna is not None else kmer_bert.get_variant(config.model.dna.variant, **config_access.overrides(config.model.dna)).k
-    tokenizer = dna_lib.tokenizer_for(config.model.dna.tokenization, k,
-                                      max_nucleotides=int(d.max_nucleotides))
+    tokenizer = dna_tokenizer(config, k)
     return ClibdSetup(data=data, train_source=train_source, n_train_without_dna=n_without_dna, tokenizer=tokenizer,
                      vocab=vocab, model_config=mcfg, mesh=mesh_lib.make_mesh(config.mesh))
+
+
+def dna_tokenizer(config, k: int) -> dna_lib.KmerTokenizer:
+    """The DNA tower's tokenizer: the model's tokenisation protocol (``model.dna.tokenization``)
+    at ``data.max_nucleotides``; training, evaluation and ``bioscan-jax identify --images`` all
+    take it from here."""
+    return dna_lib.tokenizer_for(config.model.dna.tokenization, k, max_nucleotides=int(config.data.max_nucleotides))
 
 
 def train_iterator(config, setup: ClibdSetup) -> Iterator[Mapping[str, np.ndarray]]:
@@ -386,6 +392,10 @@ def run_identity(config, setup: ClibdSetup, pretrained: Mapping[str, Any]) -> di
             "dna_pretrain": config.dna_pretrain.to_dict() if "dna_pretrain" in config else None}
 
 
+#: Where a run keeps its best-on-validation parameters, under ``train/``.
+BEST_VAL_DIR = "best_val"
+
+
 def steps_per_epoch(config, setup: ClibdSetup) -> int:
     """Training steps per epoch: the training records with DNA over the global batch (the
     remainder is dropped); a split smaller than one batch is an error naming it."""
@@ -437,8 +447,10 @@ def saved_config(workdir: str) -> ml_collections.ConfigDict | None:
 
 
 def load_towers(workdir: str, config=None, *, step: int | None = None) -> towers.ClibdModel:
-    """The trained CLIBD model of a run directory (``workdir/train/checkpoints`` and the saved
-    text vocabulary); ``config`` defaults to the run's saved ``config.json``.
+    """The trained CLIBD model of a run directory and its saved text vocabulary; ``config``
+    defaults to the run's saved ``config.json``. Without ``step``, the model the run reports: its
+    best on validation (``train/best_val``) when ``eval.select='best_val'``, else the last
+    checkpoint (``train/checkpoints``, or its ``step``).
 
     ``workdir`` may also be a released CLIBD checkpoint file (``best.pth``, or a hub file
     ``owner/name:path/best.pth``): :func:`bioscan_jax.convert.clibd.load` builds its towers in
@@ -459,7 +471,11 @@ def load_towers(workdir: str, config=None, *, step: int | None = None) -> towers
                                     "nor a CLIBD checkpoint file")
     vocab = wordpiece_vocab(config) or text_lib.TaxonomyVocab.load(os.path.join(workdir, VOCAB_FILE))
     mcfg = model_config(config, text_vocab_size=len(vocab))
-    values = checkpoint_lib.restore_params(os.path.join(workdir, "train", "checkpoints"), step)
+    best = os.path.join(workdir, "train", BEST_VAL_DIR)
+    if step is None and str(config.eval.get("select", "last")) == "best_val" and checkpoint_lib.complete_steps(best):
+        values = checkpoint_lib.restore_params(best)  # the model the run's retrieval.json reports
+    else:
+        values = checkpoint_lib.restore_params(os.path.join(workdir, "train", "checkpoints"), step)
     model = towers.ClibdModel(mcfg, rngs=nnx.Rngs(0))
     params_lib.copy_into(model, values, f"the CLIBD run {workdir}")
     return model

@@ -162,11 +162,12 @@ def test_bold_export_runs_pretraining_finetuning_and_probes(tmp_path, real_barco
     assert summary["data"].startswith("BOLD import")
     sizes = {s: v["records"] for s, v in summary["split_sizes"].items()}
     used = {s: v["used"] for s, v in summary["split_sizes"].items()}
-    assert sizes["pretrain+train"] == sizes["train"] > 0 and sizes["test_unseen"] >= 12
-    assert sizes["train"] + sizes["test"] + sizes["test_unseen"] == len(small)
+    q = config.data.probe_query_split  # tiny: 'unseen', the import's unseen species are test_unseen
+    assert sizes["pretrain+train"] == sizes["train"] > 0 and sizes[q] >= 12
+    assert sizes["train"] + sizes["test"] + sizes[q] == len(small)
     assert used["pretrain+train"] == used["train"] <= sizes["train"]
     probes = summary["probes"]
-    assert probes["knn"]["n_queries"] == used["test_unseen"] and probes["knn"]["rank"] == "order"
+    assert probes["knn"]["n_queries"] == used[q] and probes["knn"]["rank"] == "order"
     with open(os.path.join(tmp_path, "work", "summary.md")) as f:
         assert "1-NN order accuracy" in f.read()
     assert 0.0 <= probes["kmer_baseline"]["accuracy"] <= 1.0 and 0.0 <= summary["finetune"]["accuracy"] <= 1.0

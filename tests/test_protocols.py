@@ -90,6 +90,7 @@ def test_barcodebert_sets_from_the_built_dataset_are_the_references(tmp_path):
     config.data.manual_dir, config.data.data_dir = str(root), str(tmp_path / "tfds")
     config.data.pretrain_split = "pretrain+other_heldout"
     config.data.verify_md5 = False  # an edited copy of the official file name
+    config.data.probe_query_split = "test_unseen"  # the reference's queries (tiny takes all unseen records)
     data = barcodebert_task.open_data(config)
     d = config.data
     got = {role: sorted(str(data[split][i]["processid"]) for i in range(len(data[split])))

@@ -30,7 +30,10 @@ _TRACEBACK = flags.DEFINE_bool("traceback", False, "Show the full traceback of a
 #: the remedy, so run.py prints that one line (``--traceback`` for the whole trace).
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
                workdir_lock.WorkdirBusyError, workdir_lock.WorkdirError, loop.NonFiniteLossError,
-               checkpoint.DiskFullError)
+               checkpoint.DiskFullError,
+               # the train step plans more memory than the devices have (checked before the first
+               # step, bioscan_jax/train/loop.py: check_step_fits): the setting to change
+               loop.StepDoesNotFitError)
 
 
 def _parse_flags(argv):

@@ -136,7 +136,9 @@ class Plan:
 
     @property
     def peak(self) -> int:
-        return self.arguments + self.temporaries + max(self.outputs - self.aliased, 0) + self.code
+        from bioscan_jax.train.loop import peak_bytes  # the train loop's memory check uses the same
+
+        return peak_bytes(self.arguments, self.temporaries, self.outputs, self.aliased, self.code)
 
     def fits(self, accelerator: str) -> bool:
         return self.peak <= HEADROOM * ACCELERATORS[accelerator]
@@ -203,16 +205,18 @@ def _clibd_spec(config, text_vocab: int) -> StepSpec:
     if mcfg.image is not None:
         s = mcfg.image.image_size
         shapes["image"] = ((batch, s, s, mcfg.image.num_channels), np.float32)
-        notes.append(f"image: ViT {config.model.image.variant} at {s} px, remat={mcfg.image.remat}")
+        notes.append(f"image: ViT {config.model.image.variant} at {s} px, remat={mcfg.image.remat}, "
+                     f"scan_layers={mcfg.image.scan_layers}")
     if mcfg.dna is not None:
         t = int(config.data.max_nucleotides) // mcfg.dna.k
         shapes.update(dna_ids=((batch, t), np.int32), dna_attention_mask=((batch, t), np.bool_))
-        notes.append(f"dna: BarcodeBERT {config.model.dna.variant}, {t} tokens, remat={mcfg.dna.remat}")
+        notes.append(f"dna: BarcodeBERT {config.model.dna.variant}, {t} tokens, remat={mcfg.dna.remat}, "
+                     f"scan_layers={mcfg.dna.scan_layers}")
     if mcfg.text is not None:
         t = int(config.model.text.max_length)
         shapes.update(text_ids=((batch, t), np.int32), text_attention_mask=((batch, t), np.bool_))
         notes.append(f"text: {config.model.text.variant}, {t} tokens, vocabulary {text_vocab} "
-                     f"(--text-vocab), remat={mcfg.text.remat}")
+                     f"(--text-vocab), remat={mcfg.text.remat}, scan_layers={mcfg.text.scan_layers}")
     positives = str(config.loss.positives or "")
     if positives:
         shapes[f"label_{positives}"] = ((batch,), np.int32)
@@ -227,25 +231,63 @@ def set_model_option(config, name: str) -> None:
         config.model[name] = True
         return
     if config.task == "clibd":
-        for tower in ("image", "dna", "text"):
-            section = config.model[tower]
-            overrides = section.get("overrides", None)
-            if overrides is None:
-                section.overrides = {name: True}
-            else:
-                overrides[name] = True
+        _set_tower_option(config.model, name)
+        return
+    if config.task == "zsc":  # the BarcodeBERT it may pretrain and the CLIBD towers it may train
+        config.barcodebert.model[name] = True
+        _set_tower_option(config.clibd.model, name)
         return
     raise ValueError(f"encoder option {name!r}: no encoders known for task {config.task!r}")
 
 
-def step_spec(config, *, stage: str = "pretrain", num_classes: int = 22_622, text_vocab: int = 15_000) -> StepSpec:
+def _set_tower_option(model, name: str) -> None:
+    for tower in ("image", "dna", "text"):
+        section = model[tower]
+        overrides = section.get("overrides", None)
+        if overrides is None:
+            section.overrides = {name: True}
+        else:
+            overrides[name] = True
+
+
+#: ``--stage`` of each task when not given: the stage that needs the most memory.
+DEFAULT_STAGES = {"barcodebert": "pretrain", "clibd": "train", "zsc": "clibd"}
+
+
+def _zsc_barcodebert(config):
+    """The BarcodeBERT pretraining a ZSC config runs for ``weights='pretrain'`` models, as a
+    barcodebert-shaped config (``model``, ``pretrain``, ``data.max_nucleotides``)."""
+    import ml_collections
+
+    view = ml_collections.ConfigDict()
+    view.task = "barcodebert"
+    view.model = config.barcodebert.model
+    view.pretrain = config.barcodebert.pretrain
+    view.data = ml_collections.ConfigDict({"max_nucleotides": int(config.data.max_nucleotides)})
+    return view
+
+
+def step_spec(config, *, stage: str | None = None, num_classes: int = 22_622, text_vocab: int = 15_000) -> StepSpec:
+    """The train step of ``stage`` (default :data:`DEFAULT_STAGES`): BarcodeBERT ``pretrain`` or
+    ``finetune``; CLIBD ``train``; ZSC ``clibd`` (the CLIBD towers it trains when no CLIBD
+    workdir has them) or ``pretrain`` (the BarcodeBERT it pretrains for ``weights='pretrain'``)."""
+    stage = stage or DEFAULT_STAGES.get(config.task, "")
     if config.task == "barcodebert":
         if stage not in ("pretrain", "finetune"):
             raise ValueError(f"--stage must be pretrain or finetune for BarcodeBERT, got {stage!r}")
         return _barcodebert_spec(config, stage, num_classes)
     if config.task == "clibd":
+        if stage != "train":
+            raise ValueError(f"--stage must be train for CLIBD, got {stage!r}")
         return _clibd_spec(config, text_vocab)
-    raise ValueError(f"the planner knows the tasks barcodebert and clibd, not {config.task!r}")
+    if config.task == "zsc":
+        if stage not in ("clibd", "pretrain"):
+            raise ValueError(f"--stage must be clibd or pretrain for zero-shot clustering, got {stage!r}")
+        spec = (_clibd_spec(config.clibd, text_vocab) if stage == "clibd"
+                else _barcodebert_spec(_zsc_barcodebert(config), "pretrain", num_classes))
+        spec.task = f"zsc/{spec.task}"
+        return spec
+    raise ValueError(f"the planner knows the tasks barcodebert, clibd and zsc, not {config.task!r}")
 
 
 def _shard_bytes(tree) -> int:
@@ -450,7 +492,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                                 epilog="--config=FILE[:ARG] (required) and --config.<field>=<value> as for run.py")
     p.add_argument("--mesh", required=True, help="mesh, e.g. fsdp=64 or data=2,fsdp=4,tensor=2")
     p.add_argument("--accelerator", default="all", help="v5e, v5p, h100 or all (default)")
-    p.add_argument("--stage", default="pretrain", help="BarcodeBERT stage: pretrain (default) or finetune")
+    p.add_argument("--stage", default=None,
+                   help="BarcodeBERT: pretrain (default) or finetune; ZSC: clibd (default) or pretrain")
     p.add_argument("--remat", action="store_true", help="rematerialise every transformer block")
     p.add_argument("--scan", action="store_true",
                    help="stack the transformer blocks and run them with nnx.scan (one compiled block)")

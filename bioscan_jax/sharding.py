@@ -349,6 +349,18 @@ def process_batch_size(global_batch: int) -> int:
     return global_batch // jax.process_count()
 
 
+def nearest_multiple(value: int, n: int) -> int:
+    """The positive multiple of ``n`` nearest to ``value`` (the lower one on a tie)."""
+    below = (value // n) * n
+    above = below + n
+    return below if below > 0 and value - below <= above - value else above
+
+
+def _neighbours(value: int, n: int) -> str:
+    below = (value // n) * n
+    return ", ".join(str(m) for m in (below, below + n) if m > 0)
+
+
 def validate_batch(global_batch: int, mesh: Mesh | Mapping[str, int], accum_steps: int = 1) -> None:
     """Raise (before any compute) when the batch cannot be split as configured."""
     sizes = dict(mesh.shape) if isinstance(mesh, Mesh) else dict(mesh)
@@ -357,10 +369,12 @@ def validate_batch(global_batch: int, mesh: Mesh | Mapping[str, int], accum_step
         raise ValueError(f"config.train.batch_size must be positive, got {global_batch}")
     if accum_steps <= 0:
         raise ValueError(f"config.train.accum_steps must be >= 1, got {accum_steps}")
+    mesh_text = ", ".join(f"{a}={sizes.get(a, 1)}" for a in MESH_AXES)
     if global_batch % n:
         raise ValueError(
             f"config.train.batch_size={global_batch} is not divisible by the batch shards "
-            f"data*fsdp={sizes['data']}*{sizes['fsdp']}={n}; use a multiple of {n}")
+            f"data*fsdp={sizes['data']}*{sizes['fsdp']}={n} (mesh {mesh_text}); the nearest valid batch is "
+            f"{nearest_multiple(global_batch, n)} (multiples of {n}: {_neighbours(global_batch, n)})")
     if global_batch % accum_steps:
         raise ValueError(
             f"config.train.accum_steps={accum_steps} does not divide config.train.batch_size="
@@ -368,9 +382,9 @@ def validate_batch(global_batch: int, mesh: Mesh | Mapping[str, int], accum_step
     micro = global_batch // accum_steps
     if micro % n:
         raise ValueError(
-            f"microbatch batch_size/accum_steps={micro} is not divisible by data*fsdp={n}; "
-            f"lower config.train.accum_steps or raise config.train.batch_size to a multiple of "
-            f"{n * accum_steps}")
+            f"microbatch batch_size/accum_steps={micro} is not divisible by data*fsdp={n} (mesh {mesh_text}); "
+            f"lower config.train.accum_steps or set config.train.batch_size to a multiple of {n * accum_steps}: "
+            f"the nearest is {nearest_multiple(global_batch, n * accum_steps)}")
     if global_batch % jax.process_count():
         raise ValueError(
             f"config.train.batch_size={global_batch} is not divisible by the {jax.process_count()} processes")

@@ -43,6 +43,13 @@ last check has a NaN/inf loss, training stops with :class:`NonFiniteLossError` n
 bad step; the bad state is never checkpointed, so the run can be resumed (e.g. with a lower lr)
 from the last good checkpoint.
 
+Memory: before the first step the train step is compiled for the real state and batch and XLA's
+planned peak per device (:func:`peak_bytes`, the planner's estimate, ``python -m bioscan_jax.plan``)
+is compared with the devices' memory (``memory_stats()['bytes_limit']`` on GPU/TPU, or
+``BIOSCAN_JAX_DEVICE_MEMORY_GB``); a step over 90 % of it stops with :class:`StepDoesNotFitError`,
+one line naming the setting to change (remat/scan of the encoders, ``train.accum_steps``, the
+batch). CPU devices report no limit: the check is skipped there unless that variable is set.
+
 SIGINT / SIGTERM: the current step is checkpointed (pending asynchronous saves finished first) and
 :class:`TrainingInterrupted` says where; the next run resumes there. A second signal stops at once.
 """
@@ -72,6 +79,7 @@ from bioscan_jax import sharding as mesh_lib
 from bioscan_jax.train import optim as optim_lib
 from bioscan_jax.train import run_identity
 from bioscan_jax.checkpoint import Checkpointer
+from bioscan_jax.models import layers as layers_lib
 from bioscan_jax.train.metrics import MetricsWriter
 from bioscan_jax.train.state import (ModelFactory, TrainSetup, TrainState, abstract_train_state, init_train_state,
                                      warm_start as apply_warm_start)
@@ -103,6 +111,11 @@ class NonFiniteLossError(FloatingPointError):
             f"training loss is {loss} at step {step}; training stopped and this state was not saved "
             f"({where}). Lower config.optim.lr, set config.optim.grad_clip, or inspect the batch of "
             f"step {step}")
+
+
+class StepDoesNotFitError(ValueError):
+    """The compiled train step plans more memory per device than the devices have (one line that
+    says which setting to change); raised before the first step runs."""
 
 
 class TrainingInterrupted(Exception):
@@ -270,6 +283,107 @@ def run_evaluators(evaluators: Sequence[Evaluator], setup: TrainSetup, state: Tr
     return results
 
 
+# ============================================================================= does the step fit?
+
+#: A per-device memory size in GiB to check the train step against instead of what the device
+#: reports (CPU devices report no limit, so there the check runs only with it): tests, and a
+#: dry run of a GPU/TPU plan on a smaller machine.
+DEVICE_MEMORY_ENV = "BIOSCAN_JAX_DEVICE_MEMORY_GB"
+#: Fraction of a device's memory a step may plan to use (runtime, fragmentation; as the planner).
+MEMORY_HEADROOM = 0.9
+_GiB = 1024**3
+
+
+def _gib(n: int) -> str:
+    x = int(n) / _GiB
+    return f"{x:.2f}" if x >= 0.1 else f"{x:.2g}"
+
+
+def peak_bytes(arguments: int, temporaries: int, outputs: int, aliased: int, code: int) -> int:
+    """A step's peak per device from XLA's memory analysis (the planner's estimate): arguments
+    (state + batch) + temporaries + outputs not written into donated inputs + generated code."""
+    return int(arguments) + int(temporaries) + max(int(outputs) - int(aliased), 0) + int(code)
+
+
+def device_memory() -> tuple[int | None, str]:
+    """``(bytes per device, where that number comes from)``: :data:`DEVICE_MEMORY_ENV` when set,
+    else the first local device's ``memory_stats()['bytes_limit']`` (GPU, TPU); ``(None, why)``
+    when neither is known (CPU)."""
+    text = os.environ.get(DEVICE_MEMORY_ENV, "").strip()
+    if text:
+        try:
+            gib = float(text)
+        except ValueError:
+            gib = float("nan")
+        if not (math.isfinite(gib) and gib > 0):
+            raise ValueError(f"{DEVICE_MEMORY_ENV}={text!r}: expected a memory size per device in GiB, e.g. 80")
+        return int(gib * _GiB), f"{DEVICE_MEMORY_ENV}={text}"
+    device = jax.local_devices()[0]
+    try:
+        stats = device.memory_stats() or {}
+    except Exception:  # noqa: BLE001 - a backend without memory statistics
+        stats = {}
+    if not stats.get("bytes_limit"):
+        return None, f"{device.platform} devices report no memory limit"
+    return int(stats["bytes_limit"]), f"{device.device_kind} bytes_limit"
+
+
+def _encoders_without_remat_scan(model: nnx.Module) -> list[str]:
+    """Paths of the model's transformer encoders that do not both rematerialise and scan."""
+    return [".".join(map(str, path)) or "model" for path, module in nnx.iter_modules(model)
+            if isinstance(module, layers_lib.Encoder) and not (module.remat and module.scan)]
+
+
+def fit_advice(peak: int, fixed: int, usable: int, *, encoders: Sequence[str], batch: int, accum: int,
+               batch_shards: int) -> str:
+    """Which setting to change so that a step of ``peak`` bytes per device (``fixed`` of them the
+    state, batch and code, which do not shrink with the microbatch) fits in ``usable`` bytes."""
+    if encoders:
+        return (f"set remat=True and scan_layers=True on the encoders {', '.join(encoders)} (the model config's "
+                f"remat and scan_layers: config.model.* for BarcodeBERT, config.model.<tower>.overrides.* for CLIBD)")
+    if usable <= fixed:
+        return (f"the train state alone needs {_gib(fixed)} GiB per device: shard it over more devices "
+                f"(config.mesh.fsdp)")
+    need = accum * (peak - fixed) / (usable - fixed)
+    for k in range(max(accum + 1, math.ceil(need)), batch // batch_shards + 1):
+        if batch % (k * batch_shards) == 0:
+            return (f"raise config.train.accum_steps to {k} (the same global batch {batch} in microbatches "
+                    f"of {batch // k}), or lower config.train.batch_size")
+    return f"lower config.train.batch_size (now {batch}, {batch // batch_shards} per batch shard)"
+
+
+def check_step_fits(train_step: Callable, setup: TrainSetup, state: TrainState, batch: Mapping[str, jax.Array], *,
+                    batch_size: int, accum: int, workdir: str) -> Callable:
+    """Compile the train step for ``(state, batch)``, compare XLA's planned peak per device with
+    the devices' memory (:func:`device_memory`) and raise :class:`StepDoesNotFitError` with the
+    setting to change when it exceeds :data:`MEMORY_HEADROOM` of it. Returns the step to run: the
+    compiled one when checked, else ``train_step`` unchanged (CPU without
+    :data:`DEVICE_MEMORY_ENV`: skipped, one log line)."""
+    limit, source = device_memory()
+    if limit is None:
+        logger.info("memory check skipped: %s (set %s to check against a size)", source, DEVICE_MEMORY_ENV)
+        return train_step
+    with mesh_lib.mesh_context(setup.mesh, setup.rules):
+        compiled = train_step.jitted.lower(state, batch).compile()
+    ma = compiled.memory_analysis()
+    if ma is None:  # a backend without a memory analysis: nothing to compare
+        logger.info("memory check skipped: no memory analysis of the compiled step on %s", jax.default_backend())
+        return compiled
+    fixed = int(ma.argument_size_in_bytes) + int(ma.generated_code_size_in_bytes)
+    peak = peak_bytes(ma.argument_size_in_bytes, ma.temp_size_in_bytes, ma.output_size_in_bytes,
+                      ma.alias_size_in_bytes, ma.generated_code_size_in_bytes)
+    usable = int(MEMORY_HEADROOM * limit)
+    if peak > usable:
+        advice = fit_advice(peak, fixed, usable, encoders=_encoders_without_remat_scan(setup.merge(state)),
+                            batch=batch_size, accum=accum, batch_shards=mesh_lib.batch_axis_size(setup.mesh))
+        raise StepDoesNotFitError(
+            f"the train step of {workdir} plans {_gib(peak)} GiB per device (XLA: state and batch "
+            f"{_gib(ma.argument_size_in_bytes)}, temporaries {_gib(ma.temp_size_in_bytes)}), over "
+            f"{100 * MEMORY_HEADROOM:.0f}% of the {_gib(limit)} GiB per device ({source}): {advice}")
+    logger.info("train step plans %s GiB per device of %s GiB (%s)", _gib(peak), _gib(limit), source)
+    return compiled
+
+
 def _checkpointable(it: Any) -> bool:
     while hasattr(it, "checkpointable"):
         it = it.checkpointable
@@ -406,6 +520,9 @@ def train(
                         f"{local_batch} (config.train.batch_size={global_batch} over "
                         f"{jax.process_count()} process(es)). Use drop_remainder=True and the same batch size")
                 batch = mesh_lib.to_global_batch(local, mesh)
+                if step == start + 1:  # before the first step: refuse a step the devices cannot hold
+                    train_step = check_step_fits(train_step, setup, state, batch, batch_size=global_batch,
+                                                 accum=accum, workdir=workdir)
                 state, metrics = train_step(state, batch)
                 pending.append((step, metrics))
                 if first_step_s is None:

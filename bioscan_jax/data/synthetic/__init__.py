@@ -67,6 +67,12 @@ Use::
 :func:`simulate` (metadata in memory, without the image size columns; in
 :mod:`~bioscan_jax.data.synthetic.specimens`). The default size (6,000 records) takes about
 20 CPU-seconds with images.
+
+At BIOSCAN-5M's size (millions of records) use the fast mode instead,
+``python -m bioscan_jax.data.synthetic --fast --out DIR [--records N]``
+(:mod:`~bioscan_jax.data.synthetic.bulk`): the metadata CSV only, vectorised, with the real split
+sizes, fraction of distinct barcodes and taxa per rank, but random taxonomy and barcodes (no
+simulated evolution, no images); the 5,150,850 rows take a few minutes.
 """
 
 from bioscan_jax.data.synthetic.cli import main

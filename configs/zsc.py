@@ -153,6 +153,8 @@ def get_config(arg=None):
         pretrain_split=bb.data.pretrain_split,
         dedup_barcodes=True,          # one record per barcode after rstrip('N') (data/data_split.py)
     )
+    # paper: CLIBD paper's towers with remat + scan_layers (8.95 GiB per device on fsdp=8; python -m
+    # bioscan_jax.plan --config=configs/zsc.py:paper --mesh=fsdp=8), BarcodeBERT paper's model (1.24 GiB).
     c.clibd = clibd_config(c, "tiny" if arg.variant == "tiny" else "paper")
     c.clibd_workdir = ""              # '' = <workdir>/models/clibd_<hash>
 

@@ -109,3 +109,50 @@ def test_match_layer_layout_leaves_other_entries_alone():
     assert out["head"]["b"] is pure["head"]["b"]
     again = layers.match_layer_layout(out, pure)
     np.testing.assert_array_equal(again["encoder"]["layers"][2]["w"], [2, 2])
+
+
+def test_the_paper_configs_scanned_towers_take_unrolled_pretrained_weights(tmp_path):
+    """CLIBD paper turns remat + scan_layers on (to fit 80 GiB on fsdp=8) while its pretrained
+    encoders come unrolled from the converters: they load into the stacked layers, by
+    ``build_model`` and by the train loop's warm start, to the same numbers."""
+    import types
+
+    from safetensors.numpy import save_file
+
+    from bioscan_jax.convert import hf_vit
+    from bioscan_jax.models import vit
+    from bioscan_jax.train import clibd as clibd_train
+    from bioscan_jax.train import optim, state as state_lib
+    from configs import clibd as clibd_config
+
+    shape = dict(patch_size=16, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64, layer_norm_eps=1e-6)
+    source = vit.ViT(vit.get_variant("Ti/16", image_size=32, **shape), rngs=nnx.Rngs(0))
+    save_file(hf_vit.export_timm_vit(source), str(tmp_path / "vit.safetensors"))
+    built = []
+    for fit in ({}, dict(remat=True, scan_layers=True)):
+        c = clibd_config.get_config("tiny")
+        c.model.modalities = "image,dna"
+        c.model.image = dict(variant="Ti/16", init=str(tmp_path / "vit.safetensors"), init_format="timm",
+                             overrides=dict(**shape, **fit))
+        c.data.image_size = 32
+        setup = types.SimpleNamespace(model_config=clibd_train.model_config(c))
+        pretrained = clibd_train.pretrained_encoders(c, setup, workdir="")
+        built.append((setup, pretrained, clibd_train.build_model(setup, pretrained, nnx.Rngs(0))))
+    (_, _, unrolled), (scanned_setup, pretrained, scanned) = built
+    assert towers.encoder_of(scanned, "image").encoder.scan
+    nnx.update(scanned.image.projection, nnx.state(unrolled.image.projection))
+    images = np.random.default_rng(0).random((2, 32, 32, 3)).astype(np.float32)
+    unrolled.eval(), scanned.eval()
+    a, _ = unrolled.embed("image", {"image": images}, deterministic=True)
+    b, _ = scanned.embed("image", {"image": images}, deterministic=True)
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5)
+
+    # the train loop's path: warm start of a scanned model's state from the unrolled encoder
+    tx, _ = optim.make_optimizer(clibd_config.get_config("tiny").optim, total_steps=10, global_batch=8)
+    factory = clibd_train.model_factory(scanned_setup)
+    setup = state_lib.abstract_train_state(factory, tx, mesh_lib.make_mesh({"data": 1}, jax.devices()[:1]))
+    st = state_lib.warm_start(setup, state_lib.init_train_state(setup, factory, tx), clibd_train.warm_start(pretrained))
+    warm = towers.encoder_of(setup.merge(st), "image").encoder
+    want = layers.layer_params(towers.encoder_of(unrolled, "image").encoder)
+    for got, expected in zip(layers.layer_params(warm), want):
+        jax.tree.map(np.testing.assert_array_equal, got, expected)

@@ -154,7 +154,6 @@ def warm_start(setup: TrainSetup, state: TrainState, partial_params: Any) -> Tra
     weights inside the model factory, which would bake them into the compiled init as constants.
     """
     # either Encoder layout warm-starts either (unrolled blocks <-> stacked for nnx.scan)
-    partial_params = layers.match_layer_layout(partial_params, state["params"])
     partial_params = layers.match_layer_layout(params_lib.as_pure(partial_params), state["params"])
     flat_new = {_path_key(p): v for p, v in jax.tree_util.tree_flatten_with_path(partial_params)[0]}
     leaves, treedef = jax.tree_util.tree_flatten_with_path(state["params"])

@@ -210,3 +210,20 @@ def test_an_out_on_a_read_only_file_system_is_refused(tmp_path, capsys):
                 f"bioscan-jax {command}: error: cannot write --out {out}: read-only file system"]
     finally:
         subprocess.run(["umount", "-l", str(ro)], check=False)
+
+
+def test_identify_says_why_novel_is_empty_when_it_cannot_be_calibrated(tmp_path, capsys):
+    """A one-record reference cannot calibrate the novelty threshold: the printed line says so
+    and why, the JSON keeps the reason, and the column is empty rather than silently blank."""
+    ref = tmp_path / "ref.fasta"
+    ref.write_text(">r1|order=Diptera|family=Culicidae|genus=Aedes|species=Aedes aegypti\n" + "ACGT" * 60 + "\n")
+    query = tmp_path / "q.fasta"
+    query.write_text(">q1\n" + "ACGT" * 60 + "\n")
+    out = tmp_path / "pred.tsv"
+    assert _run("identify", "--model", "kmer:4", "--reference", ref, "--input", query, "--out", out, "--min-length", 0) == 0
+    printed = capsys.readouterr().out
+    assert "novelty not calibrated (novelty calibration needs at least 5 reference species" in printed
+    assert "the 'novel' column is empty" in printed
+    row = pd.read_csv(out, sep="\t", dtype=str, keep_default_na=False).iloc[0]
+    assert row["novel"] == "" and row["species"] == "Aedes aegypti"
+    assert "error" in json.loads((tmp_path / "pred.tsv.json").read_text())["novelty"]

@@ -76,7 +76,7 @@ def get_config(arg=None):
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     c.sharding_rules = DEFAULT_SHARDING_RULES
 
-    c.pretrain = _stage(batch_size=64, steps=200, lr=1e-4 * 4, log_every=20)
+    c.pretrain = _stage(batch_size=64, steps=160, lr=1e-4 * 4, log_every=20)
     c.pretrain.mask_prob = 0.5
     c.pretrain.masked_only = False     # reference: loss over all non-special positions
     # Tiny fine-tuning starts the head from the species linear probe of the frozen encoder (LP-FT)

@@ -458,3 +458,44 @@ def test_embed_images_with_a_released_checkpoint(released, tmp_path):
     assert listed["status"].tolist() == ["ok", "no such file"]
     np.testing.assert_allclose(listed["embeddings"][0], got["embeddings"][0], rtol=1e-5, atol=1e-5)
     assert cli.main(["embed", "--images", "--model", "kmer:4", "--input", str(folder), "--out", str(out)]) == 1
+
+
+def test_identify_images_with_a_released_checkpoint_equals_the_reference_towers_search(released, barcodes, tmp_path):
+    """``identify --images`` with a released ``best.pth`` against a DNA library predicts what a
+    nearest-neighbour search gives on the reference PyTorch towers' embeddings (image tower on
+    CLIBD's evaluation view, DNA tower on CLIBD's v1 ids with the 0 prepended)."""
+    import io
+
+    from PIL import Image
+
+    from bioscan_jax import cli
+    from bioscan_jax.data import images as images_lib
+
+    ranks = ("order", "family", "genus", "species")
+    library = tmp_path / "library.fasta"
+    library.write_text("".join(
+        f">ref{i}|order=O{i % 2}|family=F{i % 3}|genus=G{i}|species=G{i} sp{i}\n{s}\n" for i, s in enumerate(barcodes)))
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(5):
+        buf = io.BytesIO()
+        Image.fromarray((rng.random((44, 50, 3)) * 255).astype(np.uint8)).save(buf, "JPEG", quality=92)
+        (folder / f"p{i}.jpg").write_bytes(buf.getvalue())
+    out = tmp_path / "pred.tsv"
+    assert cli.main(["identify", "--images", "--quiet", "--model", str(released.path), "--reference", str(library),
+                     "--min-length", "0", "--input", str(folder), "--out", str(out)]) == 0
+    pred = pd.read_csv(out, sep="\t", dtype=str, keep_default_na=False).set_index("id")
+
+    ref = released.torch
+    size = IMG["size"]
+    views = np.stack([images_lib.eval_image((folder / f"p{i}.jpg").read_bytes(), resize=round(size * 256 / 224),
+                                            crop=size) for i in range(5)])
+    with torch.no_grad():
+        img = _l2(ref.image_encoder(torch.from_numpy(views.transpose(0, 3, 1, 2))).numpy())
+        dna = _l2(ref.dna_encoder(torch.tensor([[0, *v1_reference_ids(s[:660], K)] for s in barcodes])).numpy())
+    nearest = np.argmax(img @ dna.T, axis=1)
+    for i, j in enumerate(nearest):
+        row = pred.loc[f"p{i}"]
+        assert row["status"] == "ok" and row["nearest_id"] == f"ref{j}"
+        assert [row[r] for r in ranks] == [f"O{j % 2}", f"F{j % 3}", f"G{j}", f"G{j} sp{j}"]

@@ -66,9 +66,6 @@ class TrainSetup:
         return nnx.merge(self.graphdef, state["params"], state["model_state"])
 
 
-_path_key = params_lib.path_key
-
-
 def _opt_state_shardings(abstract_opt: Any, abstract_params: Any, param_shardings: Any, mesh: Mesh) -> Any:
     """Sharding for each optimizer-state leaf: the sharding of the parameter whose path is the
     longest suffix of the leaf's path and whose shape matches; replicated otherwise."""
@@ -76,11 +73,11 @@ def _opt_state_shardings(abstract_opt: Any, abstract_params: Any, param_sharding
     for (path, leaf), sharding in zip(
         jax.tree_util.tree_flatten_with_path(abstract_params)[0], jax.tree_util.tree_leaves(param_shardings)
     ):
-        by_path[_path_key(path)] = (tuple(leaf.shape), sharding)
+        by_path[params_lib.path_key(path)] = (tuple(leaf.shape), sharding)
     rep = NamedSharding(mesh, P())
 
     def one(path, leaf):
-        key = _path_key(path)
+        key = params_lib.path_key(path)
         for start in range(len(key)):
             hit = by_path.get(key[start:])
             if hit is not None and hit[0] == tuple(leaf.shape):
@@ -155,16 +152,16 @@ def warm_start(setup: TrainSetup, state: TrainState, partial_params: Any) -> Tra
     """
     # either Encoder layout warm-starts either (unrolled blocks <-> stacked for nnx.scan)
     partial_params = layers.match_layer_layout(params_lib.as_pure(partial_params), state["params"])
-    flat_new = {_path_key(p): v for p, v in jax.tree_util.tree_flatten_with_path(partial_params)[0]}
+    flat_new = {params_lib.path_key(p): v for p, v in jax.tree_util.tree_flatten_with_path(partial_params)[0]}
     leaves, treedef = jax.tree_util.tree_flatten_with_path(state["params"])
     shardings = jax.tree.leaves(setup.shardings["params"])
-    known = {_path_key(p) for p, _ in leaves}
+    known = {params_lib.path_key(p) for p, _ in leaves}
     unknown = sorted(".".join(map(str, k)) for k in flat_new if k not in known)
     if unknown:
         raise ValueError(f"warm-start values for unknown parameters: {unknown[:10]}")
     out = []
     for (path, old), sharding in zip(leaves, shardings):
-        key = _path_key(path)
+        key = params_lib.path_key(path)
         if key not in flat_new:
             out.append(old)
             continue

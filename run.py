@@ -4,7 +4,7 @@ r"""Runs one bioscan-jax experiment, chosen by its config.
   python run.py --config=configs/barcodebert.py:paper --config.data.manual_dir=/data/bioscan5m
   python run.py --config=configs/clibd.py --workdir=/ckpt/clibd
 
-The config's ``task`` names a module in ``bioscan_jax.tasks`` whose ``run(config, workdir)``
+The config's ``task`` names a package in ``bioscan_jax.tasks`` whose spec's ``run(config, workdir)``
 does the work and returns a summary dict.
 """
 
@@ -67,6 +67,8 @@ def main(argv):
         # stage's batch, mesh and schedule settings sound, named by their full path: seconds, not
         # a NaN loss after the data are built.
         config_errors.check_config(config)
+        # Then the task's own checks (stages, label columns, encoder specs, ...), still before any data.
+        tasks.get(config.task).check_config(config)
         # One writer per workdir (process 0 holds the lock for a multi-process run); a workdir that
         # is a file or not writable fails here, before any data are built.
         with workdir_lock.hold(workdir, enabled=jax.process_index() == 0):

@@ -55,7 +55,7 @@ def save_run(config, workdir: pathlib.Path) -> None:
     from bioscan_jax import checkpoint as checkpoint_lib
     from bioscan_jax.data import text as text_lib
     from bioscan_jax.models import towers
-    from bioscan_jax.train import clibd as clibd_train
+    from bioscan_jax.tasks.clibd import training as clibd_train
 
     (workdir / "train").mkdir(parents=True)
     vocab = text_lib.TaxonomyVocab.build(["Diptera"], max_length=int(config.model.text.max_length))

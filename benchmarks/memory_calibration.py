@@ -31,10 +31,9 @@ TEXT_VOCAB = 15_000
 
 
 def _spec(name: str):
-    import numpy as np
-
-    from bioscan_jax import plan
+    from bioscan_jax.data import dna, pipeline
     from bioscan_jax.models import kmer_bert, text, towers, vit
+    from bioscan_jax.tasks import StepSpec
     from bioscan_jax.train import losses
     from bioscan_jax.train.contrastive import contrastive_loss
 
@@ -43,10 +42,8 @@ def _spec(name: str):
     remat = "remat" in parts
     if parts[0] == "bb":  # BarcodeBERT pretraining, configs/barcodebert.py:paper settings
         cfg = kmer_bert.get_variant(parts[1], remat=remat)
-        t = 660 // cfg.k
-        shapes = {"ids": ((batch, t), np.int32), "attention_mask": ((batch, t), np.bool_),
-                  "targets": ((batch, t), np.int32), "mlm_mask": ((batch, t), np.bool_)}
-        return plan.StepSpec("barcodebert/pretrain", lambda rngs: kmer_bert.KmerBertForMLM(cfg, rngs=rngs),
+        shapes = pipeline.dna_batch_spec(batch, dna.tokenizer_for("bioscan5m", cfg.k, max_nucleotides=660), mlm=True)
+        return StepSpec("barcodebert/pretrain", lambda rngs: kmer_bert.KmerBertForMLM(cfg, rngs=rngs),
                              losses.mlm_loss, shapes, {"batch_size": batch, "bf16": False},
                              {"lr": 1e-4, "lr_ref_batch": 64}, [f"BarcodeBERT {parts[1]}, remat={remat}"])
     if parts[0] == "clibd":  # configs/clibd.py:paper settings (bf16, three towers)
@@ -54,15 +51,14 @@ def _spec(name: str):
             image=vit.get_variant("B/16", image_size=224, remat=remat),
             dna=kmer_bert.get_variant("5_12_12", remat=remat),
             text=text.get_variant("bert-small", vocab_size=TEXT_VOCAB, remat=remat), embed_dim=768)
-        shapes = {"image": ((batch, 224, 224, 3), np.float32),
-                  "dna_ids": ((batch, 132), np.int32), "dna_attention_mask": ((batch, 132), np.bool_),
-                  "text_ids": ((batch, 20), np.int32), "text_attention_mask": ((batch, 20), np.bool_)}
+        shapes = pipeline.clibd_batch_spec(batch, tokenizer=dna.tokenizer_for("v1", 5, max_nucleotides=660),
+                                           text_length=20, image_size=224, label_ranks=())
 
         def loss_fn(model, batch, *, train):
             features, _ = model(batch)
             return contrastive_loss(features, model.log_scale[...])
 
-        return plan.StepSpec("clibd", lambda rngs: towers.ClibdModel(mcfg, rngs=rngs), loss_fn, shapes,
+        return StepSpec("clibd", lambda rngs: towers.ClibdModel(mcfg, rngs=rngs), loss_fn, shapes,
                              {"batch_size": batch, "bf16": True},
                              {"lr": 5e-5, "lr_ref_batch": 500, "weight_decay": 0.01},
                              [f"CLIBD paper towers, bf16, remat={remat}"])

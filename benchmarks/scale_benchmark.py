@@ -120,7 +120,7 @@ def _barcodebert_paper_config(args):
 
 
 def stage_barcodebert_data(args, spec: bulk.BulkSpec) -> dict:
-    from bioscan_jax.tasks import barcodebert
+    from bioscan_jax.tasks.barcodebert import task as barcodebert
 
     data = barcodebert.open_data(_barcodebert_paper_config(args))
     expected = {"pretrain+other_heldout": spec.split_barcodes["pretrain"] + spec.split_barcodes["other_heldout"],

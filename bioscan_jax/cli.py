@@ -110,7 +110,7 @@ def _clibd_towers(spec: str):
     """``(model, run config or None)`` of a CLIBD SPEC: a released ``best.pth`` (or hub file) or a
     CLIBD run directory of this project (its config gives the evaluation view and DNA tokenizer)."""
     from bioscan_jax.convert import hub
-    from bioscan_jax.train import clibd
+    from bioscan_jax.tasks.clibd import training as clibd
 
     run_config = clibd.saved_config(spec)  # None unless a CLIBD run directory
     if run_config is None and not os.path.isfile(spec) and not (hub.is_hub_id(spec) and ":" in spec):
@@ -133,12 +133,12 @@ def _image_embedder(args, towers=None):
 
 def _clibd_dna_embedder(args, towers):
     """The CLIBD DNA tower of ``--model`` with the DNA tokenizer of its CLIBD evaluation: the
-    run's ``model.dna.tokenization`` and ``data.max_nucleotides`` (``train/clibd.prepare``), or
+    run's ``model.dna.tokenization`` and ``data.max_nucleotides`` (``tasks/clibd/training.prepare``), or
     CLIBD's own v1 tokenization of 660 nt for a released ``best.pth`` (``dna_encoder.py``)."""
     from bioscan_jax.convert import barcodebert as bb_load
     from bioscan_jax.data import dna as dna_lib
     from bioscan_jax.eval import image_embedder
-    from bioscan_jax.train import clibd
+    from bioscan_jax.tasks.clibd import training as clibd
 
     model, run_config = towers
     if "dna" not in model.modalities:

@@ -51,10 +51,11 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from bioscan_jax import config_access  # imports nothing heavy: JAX is not loaded here
+from bioscan_jax import config_access, tasks  # imports nothing heavy: JAX is not loaded here
+from bioscan_jax.tasks import StepSpec
 
 GiB = 1024**3
 #: Memory per chip (bytes) of the accelerators the planner knows.
@@ -151,80 +152,6 @@ class Plan:
         return out
 
 
-@dataclasses.dataclass
-class StepSpec:
-    """What the planner compiles: a model, its loss, the optimizer settings and a batch."""
-
-    task: str
-    model_factory: Callable
-    loss_fn: Callable
-    batch: dict[str, tuple[tuple[int, ...], Any]]  # name -> (global shape, dtype)
-    train: Any  # config section: batch_size, accum_steps, bf16
-    optim: Any
-    notes: list[str]
-
-
-def _barcodebert_spec(config, stage: str, num_classes: int) -> StepSpec:
-    import numpy as np
-
-    from bioscan_jax.models import kmer_bert
-    from bioscan_jax.train import losses
-
-    cfg = kmer_bert.config_from(config.model)
-    section = config[stage]
-    batch = int(section.train.batch_size)
-    tokens = int(config.data.max_nucleotides) // cfg.k
-    shapes = {"ids": ((batch, tokens), np.int32), "attention_mask": ((batch, tokens), np.bool_)}
-    notes = [f"BarcodeBERT {config.model.variant} ({stage}): k={cfg.k}, {cfg.num_layers} layers, hidden "
-             f"{cfg.hidden_size}, {tokens} tokens, remat={cfg.remat}, scan_layers={cfg.scan_layers}"]
-    if stage == "pretrain":
-        shapes.update(targets=((batch, tokens), np.int32), mlm_mask=((batch, tokens), np.bool_))
-        return StepSpec("barcodebert/pretrain", lambda rngs: kmer_bert.KmerBertForMLM(cfg, rngs=rngs),
-                        losses.mlm_loss, shapes, section.train, section.optim, notes)
-    shapes["label"] = ((batch,), np.int32)
-    notes.append(f"classifier head of {num_classes} classes (--num-classes)")
-    return StepSpec("barcodebert/finetune",
-                    lambda rngs: kmer_bert.KmerBertClassifier(cfg, num_classes, rngs=rngs),
-                    losses.classification_loss, shapes, section.train, section.optim, notes)
-
-
-def _clibd_spec(config, text_vocab: int) -> StepSpec:
-    import numpy as np
-
-    from bioscan_jax.models import towers
-    from bioscan_jax.train import clibd
-
-    if config.model.text.get("tokenizer", ""):  # a WordPiece vocabulary: bert-small's 30,522 entries
-        from bioscan_jax.models import text as text_model
-
-        text_vocab = text_model.get_variant(config.model.text.variant).vocab_size
-    mcfg = clibd.model_config(config, text_vocab_size=text_vocab)
-    batch = int(config.train.batch_size)
-    shapes: dict[str, tuple[tuple[int, ...], Any]] = {}
-    notes = []
-    if mcfg.image is not None:
-        s = mcfg.image.image_size
-        shapes["image"] = ((batch, s, s, mcfg.image.num_channels), np.float32)
-        notes.append(f"image: ViT {config.model.image.variant} at {s} px, remat={mcfg.image.remat}, "
-                     f"scan_layers={mcfg.image.scan_layers}")
-    if mcfg.dna is not None:
-        t = int(config.data.max_nucleotides) // mcfg.dna.k
-        shapes.update(dna_ids=((batch, t), np.int32), dna_attention_mask=((batch, t), np.bool_))
-        notes.append(f"dna: BarcodeBERT {config.model.dna.variant}, {t} tokens, remat={mcfg.dna.remat}, "
-                     f"scan_layers={mcfg.dna.scan_layers}")
-    if mcfg.text is not None:
-        t = int(config.model.text.max_length)
-        shapes.update(text_ids=((batch, t), np.int32), text_attention_mask=((batch, t), np.bool_))
-        notes.append(f"text: {config.model.text.variant}, {t} tokens, vocabulary {text_vocab} "
-                     f"(--text-vocab), remat={mcfg.text.remat}, scan_layers={mcfg.text.scan_layers}")
-    positives = str(config.loss.positives or "")
-    if positives:
-        shapes[f"label_{positives}"] = ((batch,), np.int32)
-    notes.append(f"contrastive loss over {len(mcfg.modalities)} modalities, chunk_size={config.loss.chunk_size}")
-    return StepSpec("clibd", lambda rngs: towers.ClibdModel(mcfg, rngs=rngs), clibd.make_loss_fn(config),
-                    shapes, config.train, config.optim, notes)
-
-
 def set_model_option(config, name: str) -> None:
     """Turn on a boolean encoder option (``remat``, ``scan_layers``) in every encoder of the config."""
     if config.task == "barcodebert":
@@ -250,44 +177,16 @@ def _set_tower_option(model, name: str) -> None:
             overrides[name] = True
 
 
-#: ``--stage`` of each task when not given: the stage that needs the most memory.
-DEFAULT_STAGES = {"barcodebert": "pretrain", "clibd": "train", "zsc": "clibd"}
-
-
-def _zsc_barcodebert(config):
-    """The BarcodeBERT pretraining a ZSC config runs for ``weights='pretrain'`` models, as a
-    barcodebert-shaped config (``model``, ``pretrain``, ``data.max_nucleotides``)."""
-    import ml_collections
-
-    view = ml_collections.ConfigDict()
-    view.task = "barcodebert"
-    view.model = config.barcodebert.model
-    view.pretrain = config.barcodebert.pretrain
-    view.data = ml_collections.ConfigDict({"max_nucleotides": int(config.data.max_nucleotides)})
-    return view
-
-
 def step_spec(config, *, stage: str | None = None, num_classes: int = 22_622, text_vocab: int = 15_000) -> StepSpec:
-    """The train step of ``stage`` (default :data:`DEFAULT_STAGES`): BarcodeBERT ``pretrain`` or
-    ``finetune``; CLIBD ``train``; ZSC ``clibd`` (the CLIBD towers it trains when no CLIBD
-    workdir has them) or ``pretrain`` (the BarcodeBERT it pretrains for ``weights='pretrain'``)."""
-    stage = stage or DEFAULT_STAGES.get(config.task, "")
-    if config.task == "barcodebert":
-        if stage not in ("pretrain", "finetune"):
-            raise ValueError(f"--stage must be pretrain or finetune for BarcodeBERT, got {stage!r}")
-        return _barcodebert_spec(config, stage, num_classes)
-    if config.task == "clibd":
-        if stage != "train":
-            raise ValueError(f"--stage must be train for CLIBD, got {stage!r}")
-        return _clibd_spec(config, text_vocab)
-    if config.task == "zsc":
-        if stage not in ("clibd", "pretrain"):
-            raise ValueError(f"--stage must be clibd or pretrain for zero-shot clustering, got {stage!r}")
-        spec = (_clibd_spec(config.clibd, text_vocab) if stage == "clibd"
-                else _barcodebert_spec(_zsc_barcodebert(config), "pretrain", num_classes))
-        spec.task = f"zsc/{spec.task}"
-        return spec
-    raise ValueError(f"the planner knows the tasks barcodebert, clibd and zsc, not {config.task!r}")
+    """The train step of ``stage`` of ``config.task``, from the task's spec (``stages``: the
+    first, the one that needs the most memory, when ``stage`` is not given): BarcodeBERT
+    ``pretrain`` or ``finetune``; CLIBD ``train``; ZSC ``clibd`` (the CLIBD towers it trains when
+    no CLIBD workdir has them) or ``pretrain`` (the BarcodeBERT it pretrains for
+    ``weights='pretrain'``)."""
+    spec = tasks.get(config.task)
+    if spec.step is None:
+        raise ValueError(f"the planner knows no train step of the task {config.task!r}")
+    return spec.step(config, stage or spec.stages[0], num_classes=num_classes, text_vocab=text_vocab)
 
 
 def _shard_bytes(tree) -> int:
@@ -323,8 +222,7 @@ def build(config, spec: StepSpec, mesh_sizes: Mapping[str, int]):
     compute_dtype = jnp.bfloat16 if bool(config_access.get(spec.train, "bf16", False)) else None
     step = make_train_step(setup, spec.loss_fn, tx, schedule=schedule, accum_steps=accum, compute_dtype=compute_dtype)
     sharding = mesh_lib.batch_sharding(mesh)
-    abstract_batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-                      for k, (shape, dtype) in spec.batch.items()}
+    abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding) for k, v in spec.batch.items()}
     return setup, step, abstract_batch
 
 

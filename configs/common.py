@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from bioscan_jax.train.optim import OptimSettings
+
 
 def parse_arg(arg: str | None, *, variants: tuple[str, ...], **defaults) -> ml_collections.ConfigDict:
     """Parses a config argument such as ``"paper"`` or ``"variant=paper,steps=10"``.
@@ -40,8 +42,11 @@ def adamw_onecycle(*, lr: float, lr_ref_batch: int = 64, weight_decay: float = 0
     (``scripts/train_cl.py``: ``lr_ref_batch=500``, no momentum cycling); read by
     :mod:`bioscan_jax.train.optim`.
     """
-    section = dict(lr=lr, lr_ref_batch=lr_ref_batch, weight_decay=weight_decay, warmup_frac=0.3, schedule="onecycle",
-                   b1=0.9, b2=0.999, eps=1e-8, div_factor=25.0, final_div_factor=1e4, grad_clip=grad_clip)
+    d = OptimSettings()  # the defaults' one home
+    section = dict(lr=lr, lr_ref_batch=lr_ref_batch, weight_decay=weight_decay, warmup_frac=d.warmup_frac,
+                   schedule=d.schedule, b1=d.b1, b2=d.b2, eps=d.eps, div_factor=d.div_factor,
+                   final_div_factor=d.final_div_factor, grad_clip=grad_clip)
     if cycle_momentum:
-        section.update(cycle_momentum=True, base_momentum=0.85, max_momentum=0.95)
+        section.update(cycle_momentum=True, base_momentum=d.base_momentum, max_momentum=d.max_momentum)
+    OptimSettings.read(section)  # checked when built
     return section

@@ -214,7 +214,7 @@ def train_bert(run_dir: str, mode: str, die_at: int | None = None):
 
 
 def train_clibd(run_dir: str, mode: str):
-    from bioscan_jax.train import clibd as clibd_train
+    from bioscan_jax.tasks.clibd import training as clibd_train
     from configs import clibd as clibd_configs
 
     config = base_config(checkpoint_every=0)

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from bioscan_jax import tasks
-from bioscan_jax.tasks import barcodebert as barcodebert_task
+from bioscan_jax.tasks.barcodebert import task as barcodebert_task
 from configs import barcodebert as barcodebert_config
 
 pytestmark = pytest.mark.slow  # the BarcodeBERT task end to end
@@ -197,7 +197,7 @@ def test_bold_import_says_why_pretraining_reports_no_validation_loss(tmp_path, r
     config = small_config(tmp_path, stages="pretrain")
     config.data.source, config.data.path = "bold", str(path)
     monkeypatch.setattr(stages, "pretrain_mlm", stop)
-    with caplog.at_level(logging.INFO, logger="bioscan_jax.tasks.barcodebert"), pytest.raises(Stop):
+    with caplog.at_level(logging.INFO, logger="bioscan_jax.tasks.barcodebert.task"), pytest.raises(Stop):
         tasks.run(config, str(tmp_path / "work"))
     assert "pretraining reports no validation loss: a BOLD import has no validation split" in caplog.text
 

@@ -109,7 +109,7 @@ def test_load_encoder_state_copies_and_checks_shapes():
 
 
 def test_contrastive_step_decreases_loss():
-    from bioscan_jax.train import clibd as clibd_train
+    from bioscan_jax.tasks.clibd import training as clibd_train
 
     config = clibd_configs.get_config()
     config.loss.positives = "species"
@@ -151,7 +151,7 @@ def small_config(data_dir: str, **eval_overrides):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from bioscan_jax.tasks import clibd
+    from bioscan_jax.tasks.clibd import task as clibd
 
     data_dir = str(tmp_path_factory.mktemp("tfds"))
     workdir = str(tmp_path_factory.mktemp("clibd"))
@@ -183,8 +183,8 @@ def test_run_writes_report_with_all_pairs_ranks_and_both_settings(tiny_run, caps
 
 
 def test_validation_retrieval_is_logged_during_training_and_never_on_test(tiny_run):
-    from bioscan_jax.eval import clibd_eval
-    from bioscan_jax.train import clibd as clibd_train
+    from bioscan_jax.tasks.clibd import evaluation as clibd_eval
+    from bioscan_jax.tasks.clibd import training as clibd_train
     from bioscan_jax.train.metrics import read_metrics
 
     config, workdir, summary = tiny_run
@@ -225,8 +225,8 @@ def test_validation_retrieval_is_logged_during_training_and_never_on_test(tiny_r
 
 
 def test_no_alignment_flag_and_load_towers(tiny_run):
-    from bioscan_jax.tasks import clibd
-    from bioscan_jax.train import clibd as clibd_train
+    from bioscan_jax.tasks.clibd import task as clibd
+    from bioscan_jax.tasks.clibd import training as clibd_train
 
     config, workdir, _ = tiny_run
     config = config.copy_and_resolve_references()
@@ -243,8 +243,8 @@ def test_no_alignment_flag_and_load_towers(tiny_run):
 
 
 def test_bad_records_are_counted_and_empty_keys_named(tiny_run):
-    from bioscan_jax.eval import clibd_eval
-    from bioscan_jax.train import clibd as clibd_train
+    from bioscan_jax.tasks.clibd import evaluation as clibd_eval
+    from bioscan_jax.tasks.clibd import training as clibd_train
 
     config, workdir, _ = tiny_run
     setup = clibd_train.prepare(config, workdir)
@@ -269,7 +269,7 @@ def test_bad_records_are_counted_and_empty_keys_named(tiny_run):
 
 
 def test_training_records_without_dna_are_left_out_and_counted():
-    from bioscan_jax.train import clibd as clibd_train
+    from bioscan_jax.tasks.clibd import training as clibd_train
 
     records = [{"dna_barcode": "ACGT" * 20}, {"dna_barcode": ""}, {"dna_barcode": "ACGT" * 20}]
     kept, missing = clibd_train.records_with_dna(records)
@@ -284,7 +284,7 @@ def test_config_variants():
     assert paper.model.text.variant == "bert-small" and paper.train.bf16
     assert paper.train.batch_size == 2000 and paper.train.epochs == 20
     assert optim.peak_lr(paper.optim, paper.train.batch_size) == pytest.approx(2e-4)
-    from bioscan_jax.train import clibd as clibd_train
+    from bioscan_jax.tasks.clibd import training as clibd_train
 
     cfg = clibd_train.model_config(paper, text_vocab_size=100)
     assert cfg.image.image_size == 224 and cfg.dna.k == 5 and cfg.dna.num_layers == 12 and cfg.embed_dim == 768
@@ -295,7 +295,7 @@ def test_config_variants():
 
 
 def test_dna_encoder_init_from_a_workdir(tiny_run):
-    from bioscan_jax.train import clibd as clibd_train
+    from bioscan_jax.tasks.clibd import training as clibd_train
 
     config, workdir, _ = tiny_run
     trained = clibd_train.load_towers(workdir)

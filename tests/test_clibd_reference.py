@@ -21,7 +21,7 @@ from bioscan_jax.convert import hf_vit
 from bioscan_jax.data import dna as dna_lib
 from bioscan_jax.data import text as text_lib
 from bioscan_jax.models import towers, vit
-from bioscan_jax.train import clibd as clibd_train
+from bioscan_jax.tasks.clibd import training as clibd_train
 from configs import clibd as clibd_config
 
 from _references import perturb  # noqa: E402

@@ -225,9 +225,9 @@ def _accuracy_of(config, params):
     """The test accuracy of a fresh classifier holding ``params``."""
     from bioscan_jax import sharding
     from bioscan_jax.data import dna
-    from bioscan_jax.eval import dna_probes
+    from bioscan_jax.tasks.barcodebert import evaluation as dna_probes
     from bioscan_jax.models import kmer_bert, towers
-    from bioscan_jax.tasks import barcodebert as bb
+    from bioscan_jax.tasks.barcodebert import task as bb
 
     data = bb.open_data(config)
     model_cfg = kmer_bert.config_from(config.model)

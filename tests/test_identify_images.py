@@ -43,7 +43,7 @@ def _jpeg(pixels: np.ndarray, **kwargs) -> bytes:
 def save_random_run(workdir, modalities: str = "image,dna,text"):
     """A CLIBD run directory of randomly initialised tiny towers (``small_config``'s), in the
     layout ``tasks/clibd`` writes: ``train/config.json``, ``train/checkpoints``, ``text_vocab.json``."""
-    from bioscan_jax.train import clibd as clibd_train
+    from bioscan_jax.tasks.clibd import training as clibd_train
 
     config = small_config(str(workdir / "no_data"))
     config.model.modalities = modalities
@@ -102,8 +102,8 @@ def trained_run(tmp_path_factory):
     """``tests/test_clibd.py``'s tiny CLIBD task (2 steps on 200 synthetic records), its splits
     exported as a user has them: image files with a CSV of labels, a BOLD TSV of the key barcodes."""
     from bioscan_jax.data import fields, schema
-    from bioscan_jax.tasks import clibd
-    from bioscan_jax.train import clibd as clibd_train
+    from bioscan_jax.tasks.clibd import task as clibd
+    from bioscan_jax.tasks.clibd import training as clibd_train
 
     tmp = tmp_path_factory.mktemp("clibd_run")
     config = small_config(str(tmp / "tfds"))
@@ -130,8 +130,8 @@ def test_identify_images_agrees_with_the_clibd_benchmark(trained_run):
     """Species and genus top-1 micro of ``identify --images`` (test and test_unseen images against
     the train + key_unseen barcodes) = retrieval.json's image->DNA numbers; the image and DNA
     vectors are those of ``clibd_eval``."""
-    from bioscan_jax.eval import clibd_eval
-    from bioscan_jax.train import clibd as clibd_train
+    from bioscan_jax.tasks.clibd import evaluation as clibd_eval
+    from bioscan_jax.tasks.clibd import training as clibd_train
 
     config, workdir, setup, tmp = trained_run
     out = tmp / "pred.tsv"

@@ -206,7 +206,7 @@ def test_convert_writes_a_model_directory_that_is_itself_a_spec(tmp_path, barcod
     ``init`` reads it too."""
     from bioscan_jax import cli
     from bioscan_jax.eval import dna_embedder
-    from bioscan_jax.train import clibd as clibd_train
+    from bioscan_jax.tasks.clibd import training as clibd_train
 
     k = 4
     model = perturb(transformers.BertForMaskedLM(_bert_config(4**k + 3)), 3)

@@ -374,7 +374,7 @@ def test_unknown_layouts_and_leftover_tensors_name_the_keys(released, tmp_path):
 
 
 def test_load_towers_takes_a_best_pth_with_or_without_a_task_config(released):
-    from bioscan_jax.train import clibd as clibd_train
+    from bioscan_jax.tasks.clibd import training as clibd_train
     from configs import clibd as clibd_config
     from flax import nnx
 
@@ -403,7 +403,7 @@ def jax_leaves(tree):
 
 
 def test_paper_towers_are_those_of_configs_clibd_paper():
-    from bioscan_jax.train import clibd as clibd_train
+    from bioscan_jax.tasks.clibd import training as clibd_train
     from configs import clibd as clibd_config
 
     import dataclasses

@@ -121,7 +121,7 @@ def test_the_paper_configs_scanned_towers_take_unrolled_pretrained_weights(tmp_p
 
     from bioscan_jax.convert import hf_vit
     from bioscan_jax.models import vit
-    from bioscan_jax.train import clibd as clibd_train
+    from bioscan_jax.tasks.clibd import training as clibd_train
     from bioscan_jax.train import optim, state as state_lib
     from configs import clibd as clibd_config
 

@@ -296,6 +296,41 @@ def test_clibd_batch(records):
         np.testing.assert_array_equal(b["text_ids"][i], vocab.encode(text.taxonomy_texts([rec]))[0][0])
 
 
+def _as_spec(batch):
+    return {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in batch.items()}
+
+
+def _spec(spec):
+    return {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in spec.items()}
+
+
+@pytest.mark.parametrize("protocol, k", [("bioscan5m", 4), ("v1", 5), ("bioscan5m", 6)])
+@pytest.mark.parametrize("mlm, label", [(True, False), (False, True), (False, False)])
+def test_dna_batch_spec_is_what_the_pipeline_yields(records, protocol, k, mlm, label):
+    """The planner compiles from the batch spec: every key, shape and dtype is the pipeline's."""
+    tok = dna.tokenizer_for(protocol, k, max_nucleotides=100)
+    ds = pipeline.dna_pipeline(records, tokenizer=tok, batch_size=5, train=True, mlm=mlm,
+                               label_rank="species" if label else None, shard=NO_SHARD)
+    assert _as_spec(next(iter(ds))) == _spec(pipeline.dna_batch_spec(5, tok, mlm=mlm, label=label))
+
+
+@pytest.mark.parametrize("modalities, ranks", [(("image", "dna", "text"), ()), (("image", "dna"), ("species",)),
+                                               (("dna", "text"), schema.EVAL_RANKS)])
+def test_clibd_batch_spec_is_what_the_pipeline_yields(records, modalities, ranks):
+    """The CLIBD batch spec is the pipeline's batch, restricted to the keys of the towers."""
+    vocab = text.TaxonomyVocab.from_records(records, max_length=12)
+    tok = dna.tokenizer_for("v1", 5, max_nucleotides=200)
+    ds = pipeline.clibd_pipeline(records, tokenizer=tok, vocab=vocab, batch_size=3, train=True, label_ranks=ranks,
+                                 image_size=64, resize=72, shard=NO_SHARD)
+    spec = _spec(pipeline.clibd_batch_spec(3, tokenizer=tok, text_length=12, image_size=64, label_ranks=ranks,
+                                           modalities=modalities))
+    batch = _as_spec(next(iter(ds)))
+    assert {k: batch[k] for k in spec} == spec
+    dropped = set(batch) - set(spec)
+    assert all(not k.startswith("label_") for k in dropped)  # only other towers' inputs are left out
+    assert dropped == {"image", "dna_ids", "dna_attention_mask", "text_ids", "text_attention_mask"} - set(spec)
+
+
 def test_label_rank_is_validated(records):
     with pytest.raises(ValueError, match="label_rank"):
         pipeline.dna_pipeline(records, tokenizer=dna.KmerTokenizer(4), batch_size=4, train=True, label_rank="kingdom")

@@ -19,7 +19,7 @@ from etils import epath
 from bioscan_jax.data import dna, schema
 from bioscan_jax.eval import probes
 from bioscan_jax.models import kmer_bert
-from bioscan_jax.tasks import barcodebert as barcodebert_task
+from bioscan_jax.tasks.barcodebert import task as barcodebert_task
 from configs import barcodebert as barcodebert_config
 from configs import zsc as zsc_config
 from tfds_builder.bioscan5m import make_dummy_data

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import math
 import os
@@ -387,3 +388,34 @@ def test_default_config_fields():
     assert dict(c.mesh) == {"data": -1, "fsdp": 1, "tensor": 1}
     assert {"batch_size", "accum_steps", "bf16", "log_every", "steps", "epochs"} <= set(c.train)
     assert {"every", "keep"} <= set(c.checkpoint)
+
+
+def test_optim_settings_are_read_once_with_one_set_of_defaults():
+    """A typo in an optim section raises instead of being ignored; the loop's defaults and the
+    configs' recipe take their values from the one dataclass."""
+    from bioscan_jax.train import loop
+    from bioscan_jax.train.optim import OptimSettings
+    from configs import common
+
+    with pytest.raises(ValueError, match="config.optim has no field weight_deacy"):
+        make_optimizer({"lr": 1e-3, "weight_deacy": 0.1}, total_steps=10, global_batch=64)
+    with pytest.raises(ValueError, match="lr_ref_batch must be a whole number"):
+        peak_lr({"lr_ref_batch": 62.5}, 64)
+    with pytest.raises(ValueError, match="cycle_momentum=True needs"):
+        OptimSettings.read({"cycle_momentum": True, "schedule": "constant"})
+    assert OptimSettings.read({"schedule": "OneCycle", "grad_clip": None}).schedule == "onecycle"
+    assert loop.default_config().optim.to_dict() == OptimSettings().as_section()
+    section = common.adamw_onecycle(lr=3e-4, cycle_momentum=True)
+    defaults = OptimSettings()
+    assert {k: v for k, v in section.items() if k not in ("lr", "cycle_momentum")} == {
+        k: v for k, v in dataclasses.asdict(defaults).items() if k not in ("lr", "cycle_momentum") and k in section}
+    assert OptimSettings.read(section) == dataclasses.replace(defaults, lr=3e-4, cycle_momentum=True)
+
+
+def test_loop_settings_read_the_defaults_of_default_config():
+    from bioscan_jax.train import loop
+
+    settings = loop.LoopSettings.read({"train": {"steps": 7}}, None)
+    d = loop.default_config()
+    assert (settings.global_batch, settings.log_every, settings.ckpt_every, settings.ckpt_keep, settings.total) == (
+        d.train.batch_size, d.train.log_every, d.checkpoint.every, d.checkpoint.keep, 7)

@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bioscan_jax.eval import embedding_cache, zsc_encoders, zsc_eval
+from bioscan_jax.tasks.zsc import embedding_cache
+from bioscan_jax.tasks.zsc import encoders as zsc_encoders
+from bioscan_jax.tasks.zsc import evaluation as zsc_eval
 from bioscan_jax.models import kmer_bert, vit
-from bioscan_jax.tasks import zsc
+from bioscan_jax.tasks.zsc import task as zsc
 from configs import zsc as zsc_configs
 
 NUM_RECORDS = 600  # synthetic size: test + test_unseen = 39 records of 9 species
@@ -314,7 +316,7 @@ def test_imported_barcodebert_weights(tmp_path):
 
 
 def test_processid_order_sorts_within_each_partition_in_the_named_order():
-    from bioscan_jax.eval import zsc_eval
+    from bioscan_jax.tasks.zsc import evaluation as zsc_eval
 
     processid = np.asarray(["B2", "A9", "C1", "A1", "B1"])
     partition = np.asarray(["test_unseen", "test", "test", "test_unseen", "test"])
@@ -325,7 +327,7 @@ def test_processid_order_sorts_within_each_partition_in_the_named_order():
 def test_per_rank_ami_of_single_modality_specs_also_comes_from_prenorm_none():
     """results-BIOSCAN5M.ipynb: the per-rank figures cluster with prenorm 'none', the species
     table with elementwise_zscore; single-modality specs report both, each named."""
-    from bioscan_jax.eval import zsc_eval
+    from bioscan_jax.tasks.zsc import evaluation as zsc_eval
 
     rng = np.random.default_rng(0)
     n, species = 120, 6

@@ -126,7 +126,7 @@ IGNORED: tuple[tuple[re.Pattern, str], ...] = (
 
 
 def paper_config(embed_dim: int = 768) -> towers.ClibdConfig:
-    """The towers of ``configs/clibd.py:paper`` (``train/clibd.py::model_config`` of it): timm
+    """The towers of ``configs/clibd.py:paper`` (``tasks/clibd/training.py::model_config`` of it): timm
     ViT-B/16 at 224 px with LayerNorm eps 1e-6, v1 BarcodeBERT 5-12-12 (vocabulary 4**5 + 3),
     ``bert-small`` (vocabulary 30522), shared dimension 768, ``tower_mode='reference'``."""
     return towers.ClibdConfig(

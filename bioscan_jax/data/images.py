@@ -28,6 +28,8 @@ from bioscan_jax.data import schema
 
 RESIZE = 256
 CROP = 224
+#: Images are RGB: every view is float32 [H, W, CHANNELS].
+CHANNELS = 3
 ROTATION_DEGREES = 45.0
 SCALE = (0.08, 1.0)
 RATIO = (3.0 / 4.0, 4.0 / 3.0)

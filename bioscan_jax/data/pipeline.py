@@ -35,6 +35,10 @@ Batch keys:
 * :func:`clibd_pipeline`: ``image``, ``dna_ids``, ``dna_attention_mask``, ``text_ids``,
   ``text_attention_mask``, ``label_<rank>`` int32 [B] for each of ``label_ranks``.
 * ``keep=('processid', ...)`` adds raw record fields as numpy arrays (strings too).
+
+:func:`dna_batch_spec` and :func:`clibd_batch_spec` give the same batches as
+``jax.ShapeDtypeStruct``\ s (the global batch): the memory planner compiles from them, and a test
+holds them equal to what the pipelines yield.
 """
 
 from __future__ import annotations
@@ -53,7 +57,9 @@ from bioscan_jax.data.tfds_source import normalize_record
 from bioscan_jax.data import fields
 
 __all__ = [
+    "clibd_batch_spec",
     "clibd_pipeline",
+    "dna_batch_spec",
     "dna_pipeline",
     "image_pipeline",
     "records_pipeline",
@@ -479,3 +485,44 @@ def clibd_pipeline(
                    label_rank=None, keep=(), prefix="dna_")
     ds = ds.random_map(ClibdBatch(dna, vocab, label_ranks, keep))
     return _finish(ds, worker_count=worker_count, read_threads=read_threads, prefetch=prefetch)
+
+
+# ----------------------------------------------------------------------------- batch specs
+
+
+def _struct(shape: tuple[int, ...], dtype) -> Any:
+    import jax  # the pipelines themselves never need jax
+
+    return jax.ShapeDtypeStruct(shape, np.dtype(dtype))
+
+
+def dna_batch_spec(batch_size: int, tokenizer: dna_lib.KmerTokenizer, *, mlm: bool = False, label: bool = False,
+                   prefix: str = "") -> dict[str, Any]:
+    """The batch :func:`dna_pipeline` yields (without ``keep``), as ``{key: jax.ShapeDtypeStruct}``."""
+    t = tokenizer.num_tokens
+    spec = {f"{prefix}ids": _struct((batch_size, t), np.int32),
+            f"{prefix}attention_mask": _struct((batch_size, t), np.bool_)}
+    if mlm:
+        spec[f"{prefix}targets"] = _struct((batch_size, t), np.int32)
+        spec[f"{prefix}mlm_mask"] = _struct((batch_size, t), np.bool_)
+    if label:
+        spec["label"] = _struct((batch_size,), np.int32)
+    return spec
+
+
+def clibd_batch_spec(batch_size: int, *, tokenizer: dna_lib.KmerTokenizer, text_length: int, image_size: int,
+                     label_ranks: Sequence[str] = schema.EVAL_RANKS,
+                     modalities: Sequence[str] = ("image", "dna", "text")) -> dict[str, Any]:
+    """The batch :func:`clibd_pipeline` yields (without ``keep``), restricted to the keys of
+    ``modalities`` (what a model with those towers reads), as ``{key: jax.ShapeDtypeStruct}``."""
+    spec: dict[str, Any] = {}
+    if "image" in modalities:
+        spec[fields.IMAGE] = _struct((batch_size, image_size, image_size, images_lib.CHANNELS), np.float32)
+    if "dna" in modalities:
+        spec.update(dna_batch_spec(batch_size, tokenizer, prefix="dna_"))
+    if "text" in modalities:
+        spec["text_ids"] = _struct((batch_size, text_length), np.int32)
+        spec["text_attention_mask"] = _struct((batch_size, text_length), np.bool_)
+    for rank in label_ranks:
+        spec[f"label_{rank}"] = _struct((batch_size,), np.int32)
+    return spec

@@ -189,9 +189,9 @@ class ImageEmbedder:
 
 class ClibdDnaEmbedder:
     """A CLIBD model's DNA tower with the DNA tokenizer of its CLIBD evaluation (the run's
-    ``model.dna.tokenization`` and ``data.max_nucleotides``, as ``train/clibd.prepare`` builds it;
+    ``model.dna.tokenization`` and ``data.max_nucleotides``, as ``tasks/clibd/training.prepare`` builds it;
     v1 for a released ``best.pth``), through the evaluation's own forward
-    (:func:`bioscan_jax.eval.clibd_eval.tower_features`). Statuses are those of
+    (:func:`bioscan_jax.models.towers.aligned_features`). Statuses are those of
     :mod:`bioscan_jax.eval.dna_embedder` (``no barcode``, ``no valid bases``, ``no complete k-mer``)."""
 
     def __init__(self, model: nnx.Module, name: str, tokenizer):
@@ -209,7 +209,8 @@ class ClibdDnaEmbedder:
               ) -> Embedded:
         from bioscan_jax import sharding as mesh_lib
         from bioscan_jax.data.pipeline import ROW
-        from bioscan_jax.eval import clibd_eval, dna_embedder
+        from bioscan_jax.eval import dna_embedder
+        from bioscan_jax.models import towers
         from bioscan_jax.eval import embed as embed_lib
 
         names = [str(i) for i in ids]
@@ -227,7 +228,7 @@ class ClibdDnaEmbedder:
                 from tqdm import tqdm
 
                 batches = tqdm(batches, total=-(-ok.size // batch_size), desc=f"DNA tower of {self.name}", unit="batch")
-            result = embed_lib.embed_batches(self.model, batches, clibd_eval.tower_features(("dna",)), mesh=mesh,
+            result = embed_lib.embed_batches(self.model, batches, towers.aligned_features(("dna",)), mesh=mesh,
                                              batch_size=batch_size)
             out[ok] = result["embedding"]
         return Embedded(out, status)

@@ -4,7 +4,7 @@ module's variables on a mesh.
 Everything that moves parameter values between trees uses these: the train loop's warm start
 (:func:`bioscan_jax.train.state.warm_start`), the CLIBD towers' pretrained encoders
 (:func:`bioscan_jax.models.towers.load_params`), restoring a CLIBD run
-(:func:`bioscan_jax.train.clibd.load_towers`), the best-on-validation keeper, and the ZSC
+(:func:`bioscan_jax.tasks.clibd.training.load_towers`), the best-on-validation keeper, and the ZSC
 embedding cache.
 """
 

@@ -41,6 +41,7 @@ Pretrained encoders are loaded into a built model with :func:`load_encoder_state
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -254,3 +255,16 @@ def load_dna_transform(model: ClibdModel, state: Mapping[str, Any]) -> None:
     if tower is None or tower.transform is None:
         raise ValueError("the model has no reference-mode DNA tower (tower_mode='reference') to take an MLM transform")
     load_params(tower.transform, state, "DNA MLM transform")
+
+
+@functools.lru_cache(maxsize=None)
+def aligned_features(modalities: tuple[str, ...]):
+    """``(model, batch) -> [B, len(modalities) * embed_dim]``, the towers' aligned features
+    side by side; one function per modality set, so repeated evaluations reuse one compiled
+    forward (:func:`bioscan_jax.eval.embed.embed_batches`)."""
+
+    def embed_fn(model, batch):
+        features, _ = model(batch, modalities=modalities, deterministic=True)
+        return jnp.concatenate([features[m] for m in modalities], axis=-1)
+
+    return embed_fn

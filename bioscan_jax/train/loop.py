@@ -1,7 +1,7 @@
 """The generic train loop: mesh, init or resume, steps, logging, checkpoints, evaluation.
 
 Usage (a task module supplies the model, its loss, its input pipeline and its evaluators; here
-species fine-tuning as in :func:`bioscan_jax.train.stages.finetune_species`)::
+species fine-tuning as in :func:`bioscan_jax.tasks.barcodebert.finetune.finetune_species`)::
 
     cfg = kmer_bert.get_variant('tiny')
     result = train(
@@ -56,7 +56,9 @@ SIGINT / SIGTERM: the current step is checkpointed (pending asynchronous saves f
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -191,9 +193,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict(dict(
         batch_size=64, accum_steps=1, bf16=False, steps=0, epochs=0, log_every=50, eval_every=0,
         progress_bar=True, tensorboard=True))
-    c.optim = ml_collections.ConfigDict(dict(
-        lr=1e-4, lr_ref_batch=64, weight_decay=0.0, warmup_frac=0.3, schedule="onecycle",
-        b1=0.9, b2=0.999, eps=1e-8, div_factor=25.0, final_div_factor=1e4, grad_clip=0.0))
+    c.optim = ml_collections.ConfigDict(optim_lib.OptimSettings().as_section())
     c.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=3, async_save=True))
     return c
 
@@ -438,150 +438,252 @@ def train(
     mesh_lib.maybe_initialize_distributed()
     workdir = os.fspath(workdir)
     mesh = validate_config(config, steps_per_epoch=steps_per_epoch)
-    rules = mesh_lib.normalize_rules(config_access.get(config, "sharding_rules"))
-    t = config_access.get(config, "train")
-    global_batch = int(config_access.get(t, "batch_size", 64))
-    accum = int(config_access.get(t, "accum_steps", 1))
-    log_every = int(config_access.get(t, "log_every", 50))
-    eval_every = int(config_access.get(t, "eval_every", 0))
-    total = total_train_steps(config, steps_per_epoch)
-    ck = config_access.get(config, "checkpoint")
-    ckpt_every = int(config_access.get(ck, "every", 1000))
-    seed = int(config_access.get(config, "seed", 0))
-    local_batch = global_batch // jax.process_count()
+    settings = LoopSettings.read(config, steps_per_epoch)
     _check_evaluators(evaluators)
+    digest = _claim_workdir(config, workdir, identity)
+    tx, schedule = optim_lib.make_optimizer(config_access.get(config, "optim"), total_steps=settings.total,
+                                            global_batch=settings.global_batch)
+    rules = mesh_lib.normalize_rules(config_access.get(config, "sharding_rules"))
+    setup = abstract_train_state(model_factory, tx, mesh, rules, seed=settings.seed, trainable=trainable)
+    logger.info("mesh %s; %d parameters", dict(mesh.shape),
+                sum(math.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state["params"])))
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=settings.ckpt_keep, async_save=settings.async_save)
+    data_iter = data_iter_factory()
+    state, start = _restore_or_init(ckpt, setup, model_factory, tx, settings.seed, data_iter, warm_start, workdir)
+    result = functools.partial(TrainResult, setup=setup, workdir=workdir, start_step=start, fingerprint=digest)
+    if start >= settings.total:
+        ckpt.close()
+        return result(state=state, step=start)
+    train_step = make_train_step(setup, loss_fn, tx, schedule=schedule, accum_steps=settings.accum,
+                                 compute_dtype=jnp.bfloat16 if settings.bf16 else None)
+    writer = MetricsWriter(workdir, total_steps=settings.total, initial_step=start, tensorboard=settings.tensorboard,
+                           progress_bar=settings.progress_bar)
+    try:
+        with _StopSignals() as stop:
+            loop = _StepLoop(settings, mesh, setup, train_step, data_iter, ckpt, writer, tuple(evaluators), workdir)
+            state = loop.run(state, start, stop)
+    finally:
+        writer.close()
+        ckpt.close()
+    return result(state=state, step=settings.total)
 
+
+@dataclasses.dataclass(frozen=True)
+class LoopSettings:
+    """The loop's settings of one stage, read once from its config; every default is
+    :func:`default_config`'s."""
+
+    seed: int
+    global_batch: int
+    accum: int
+    bf16: bool
+    total: int  # optimiser updates (train.steps, or train.epochs x steps_per_epoch)
+    steps_per_epoch: int | None
+    log_every: int
+    eval_every: int
+    tensorboard: bool
+    progress_bar: bool
+    ckpt_every: int
+    ckpt_keep: int
+    async_save: bool
+
+    @classmethod
+    def read(cls, config: Any, steps_per_epoch: int | None) -> LoopSettings:
+        defaults = default_config()
+        t, ck = config_access.get(config, "train"), config_access.get(config, "checkpoint")
+
+        def train(name):
+            return config_access.get(t, name, defaults.train[name])
+
+        def checkpoint(name):
+            return config_access.get(ck, name, defaults.checkpoint[name])
+
+        return cls(seed=int(config_access.get(config, "seed", defaults.seed)),
+                   global_batch=int(train("batch_size")), accum=int(train("accum_steps")), bf16=bool(train("bf16")),
+                   total=total_train_steps(config, steps_per_epoch), steps_per_epoch=steps_per_epoch,
+                   log_every=int(train("log_every")), eval_every=int(train("eval_every")),
+                   tensorboard=bool(train("tensorboard")), progress_bar=bool(train("progress_bar")),
+                   ckpt_every=int(checkpoint("every")), ckpt_keep=int(checkpoint("keep")),
+                   async_save=bool(checkpoint("async_save")))
+
+
+def _claim_workdir(config: Any, workdir: str, identity: Mapping[str, Any] | None) -> str:
+    """Create ``workdir``, check (or record) its run identity and save the config; returns the
+    identity's fingerprint."""
     os.makedirs(workdir, exist_ok=True)
     digest = run_identity.check(workdir, run_identity.stage_identity(config, identity),
                                 str(config_access.get(config, "resume", "auto")), writer=jax.process_index() == 0)
     if jax.process_count() > 1:  # process 0 may have deleted the old run (resume=restart)
         multihost_utils.sync_global_devices("bioscan_jax_run_identity")
     _save_config(config, workdir)
-    tx, schedule = optim_lib.make_optimizer(config_access.get(config, "optim"), total_steps=total, global_batch=global_batch)
-    setup = abstract_train_state(model_factory, tx, mesh, rules, seed=seed, trainable=trainable)
-    logger.info("mesh %s; %d parameters", dict(mesh.shape),
-                sum(math.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state["params"])))
+    return digest
 
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(config_access.get(ck, "keep", 3)),
-                        async_save=bool(config_access.get(ck, "async_save", True)))
-    data_iter = data_iter_factory()
-    save_data = _checkpointable(data_iter)
-    if not save_data:
+
+def _restore_or_init(ckpt: Checkpointer, setup: TrainSetup, model_factory: ModelFactory, tx, seed: int,
+                     data_iter, warm_start, workdir: str) -> tuple[TrainState, int]:
+    """``(state, step)``: the newest checkpoint (with the data iterator's position, when it has
+    one), else the random init with ``warm_start`` applied."""
+    saves_data = _checkpointable(data_iter)
+    if not saves_data:
         logger.warning("the data iterator has no get_state/set_state: its position is not checkpointed "
                        "and a resumed run restarts it from the beginning")
-    start = 0
     if ckpt.latest_step() is not None:
-        state, start = ckpt.restore(setup.abstract_state, data_iter if save_data else None)
+        state, start = ckpt.restore(setup.abstract_state, data_iter if saves_data else None)
         logger.info("resumed from %s/checkpoints step %d", workdir, start)
-    else:
-        state = init_train_state(setup, model_factory, tx, seed=seed)
-        if warm_start is not None:
-            state = apply_warm_start(setup, state, warm_start() if callable(warm_start) else warm_start)
-    if start >= total:
-        ckpt.close()
-        return TrainResult(setup=setup, state=state, step=start, workdir=workdir, start_step=start,
-                           fingerprint=digest)
+        return state, start
+    state = init_train_state(setup, model_factory, tx, seed=seed)
+    if warm_start is not None:
+        state = apply_warm_start(setup, state, warm_start() if callable(warm_start) else warm_start)
+    return state, 0
 
-    compute_dtype = jnp.bfloat16 if bool(config_access.get(t, "bf16", False)) else None
-    train_step = make_train_step(setup, loss_fn, tx, schedule=schedule, accum_steps=accum,
-                                 compute_dtype=compute_dtype)
-    writer = MetricsWriter(workdir, total_steps=total, initial_step=start,
-                           tensorboard=bool(config_access.get(t, "tensorboard", True)),
-                           progress_bar=bool(config_access.get(t, "progress_bar", True)))
-    pending: list[tuple[int, dict[str, jax.Array]]] = []
-    interval = {"steps": 0, "t0": time.perf_counter(), "pause": 0.0}
-    interval_records: list[dict[str, float]] = []
-    first_step_s: float | None = None
 
-    def check_pending() -> list[tuple[int, dict[str, float]]]:
-        fetched = [(s, {k: float(v) for k, v in jax.device_get(m).items()}) for s, m in pending]
-        pending.clear()
+class _Throughput:
+    """Samples, steps and tokens per second between two log lines, checkpoint and evaluation
+    time left out; the first step (which compiles) is timed apart."""
+
+    def __init__(self, global_batch: int):
+        self.global_batch = global_batch
+        self.first_step_s: float | None = None
+        self._restart()
+
+    def _restart(self) -> None:
+        self.steps, self.t0, self.pause = 0, time.perf_counter(), 0.0
+
+    def stepped(self, metrics) -> None:
+        if self.first_step_s is None:
+            jax.block_until_ready(metrics)
+            self.first_step_s = time.perf_counter() - self.t0
+            self._restart()
+        else:
+            self.steps += 1
+
+    def add_rates(self, record: dict[str, float]) -> None:
+        """Adds the rates since the last call to ``record`` (the interval's summary) and restarts."""
+        dt = time.perf_counter() - self.t0 - self.pause
+        if self.steps > 0 and dt > 0:
+            record["samples_per_s"] = self.steps * self.global_batch / dt
+            record["steps_per_s"] = self.steps / dt
+            if "num_tokens" in record:
+                record["tokens_per_s"] = record["num_tokens"] * self.steps / dt
+
+    def restart(self) -> None:
+        self._restart()
+
+    @contextlib.contextmanager
+    def paused(self):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.pause += time.perf_counter() - t
+
+
+@dataclasses.dataclass
+class _StepLoop:
+    """The steps of one run: a batch, the jitted step, then logging, checkpoints and evaluators
+    at their steps. Metrics stay on the device until a log, checkpoint or eval step fetches them."""
+
+    settings: LoopSettings
+    mesh: jax.sharding.Mesh
+    setup: TrainSetup
+    train_step: Callable
+    data_iter: Any
+    ckpt: Checkpointer
+    writer: MetricsWriter
+    evaluators: tuple
+    workdir: str
+
+    def __post_init__(self):
+        self.pending: list[tuple[int, dict[str, jax.Array]]] = []
+        self.interval: list[dict[str, float]] = []
+        self.throughput = _Throughput(self.settings.global_batch)
+        self.saved_data = self.data_iter if _checkpointable(self.data_iter) else None
+
+    def next_batch(self, step: int) -> dict[str, jax.Array]:
+        """The next process-local batch, checked and placed on the mesh as one global batch."""
+        s = self.settings
+        try:
+            local = next(self.data_iter)
+        except StopIteration:
+            raise RuntimeError(
+                f"the data iterator ran out before step {step} of {s.total}; make the training "
+                f"pipeline repeat (num_epochs=None) or lower config.train.steps/epochs") from None
+        local_batch = s.global_batch // jax.process_count()
+        lead = {k: np.shape(v)[0] if np.ndim(v) else None for k, v in local.items()}
+        if any(n != local_batch for n in lead.values()):
+            raise ValueError(
+                f"the data iterator yielded a batch with leading sizes {lead}; expected "
+                f"{local_batch} (config.train.batch_size={s.global_batch} over "
+                f"{jax.process_count()} process(es)). Use drop_remainder=True and the same batch size")
+        return mesh_lib.to_global_batch(local, self.mesh)
+
+    def fetch(self) -> list[tuple[int, dict[str, float]]]:
+        """The pending steps' metrics on the host; a non-finite loss stops the run here."""
+        fetched = [(s, {k: float(v) for k, v in jax.device_get(m).items()}) for s, m in self.pending]
+        self.pending.clear()
         for s, m in fetched:
             if not math.isfinite(m["loss"]):
-                ckpt.wait()
-                writer.write(s, {**m, "event": "non_finite_loss"})
-                last = ckpt.latest_step()
-                raise NonFiniteLossError(s, m["loss"], last, workdir)
+                self.ckpt.wait()
+                self.writer.write(s, {**m, "event": "non_finite_loss"})
+                raise NonFiniteLossError(s, m["loss"], self.ckpt.latest_step(), self.workdir)
         return fetched
 
-    try:
-        with _StopSignals() as stop:
-            for step in range(start + 1, total + 1):
-                try:
-                    local = next(data_iter)
-                except StopIteration:
-                    raise RuntimeError(
-                        f"the data iterator ran out before step {step} of {total}; make the training "
-                        f"pipeline repeat (num_epochs=None) or lower config.train.steps/epochs") from None
-                lead = {k: np.shape(v)[0] if np.ndim(v) else None for k, v in local.items()}
-                if any(n != local_batch for n in lead.values()):
-                    raise ValueError(
-                        f"the data iterator yielded a batch with leading sizes {lead}; expected "
-                        f"{local_batch} (config.train.batch_size={global_batch} over "
-                        f"{jax.process_count()} process(es)). Use drop_remainder=True and the same batch size")
-                batch = mesh_lib.to_global_batch(local, mesh)
-                if step == start + 1:  # before the first step: refuse a step the devices cannot hold
-                    train_step = check_step_fits(train_step, setup, state, batch, batch_size=global_batch,
-                                                 accum=accum, workdir=workdir)
-                state, metrics = train_step(state, batch)
-                pending.append((step, metrics))
-                if first_step_s is None:
-                    jax.block_until_ready(metrics)
-                    first_step_s = time.perf_counter() - interval["t0"]
-                    interval = {"steps": 0, "t0": time.perf_counter(), "pause": 0.0}
-                else:
-                    interval["steps"] += 1
-                writer.progress(step)
+    def log(self, step: int, start: int) -> None:
+        """One ``metrics.jsonl`` record of the steps since the last log line, with their rates."""
+        s = self.settings
+        record = _summarise(self.interval)
+        self.throughput.add_rates(record)
+        if self.throughput.first_step_s is not None and step - start <= s.log_every:
+            record["first_step_s"] = self.throughput.first_step_s
+        if s.steps_per_epoch:
+            record["epoch"] = step / s.steps_per_epoch
+        self.writer.write(step, record)
+        self.writer.progress(step, loss=record["loss"],
+                             **({"samples/s": record["samples_per_s"]} if "samples_per_s" in record else {}))
+        self.throughput.restart()
+        self.interval = []
 
-                is_last = step == total
-                is_log = step % log_every == 0 or is_last
-                is_ckpt = (ckpt_every > 0 and step % ckpt_every == 0) or is_last
-                is_eval = bool(evaluators) and is_eval_step(step, total=total, eval_every=eval_every,
-                                                            steps_per_epoch=steps_per_epoch)
-                if is_log or is_ckpt or is_eval:
-                    fetched = check_pending()
-                    interval_records.extend(m for _, m in fetched)
-                if is_log and interval_records:
-                    now = time.perf_counter()
-                    record = _summarise(interval_records)
-                    dt = now - interval["t0"] - interval["pause"]  # checkpoint/eval time excluded
-                    if interval["steps"] > 0 and dt > 0:
-                        record["samples_per_s"] = interval["steps"] * global_batch / dt
-                        record["steps_per_s"] = interval["steps"] / dt
-                        if "num_tokens" in record:
-                            record["tokens_per_s"] = record["num_tokens"] * interval["steps"] / dt
-                    if first_step_s is not None and step - start <= log_every:
-                        record["first_step_s"] = first_step_s
-                    if steps_per_epoch:
-                        record["epoch"] = step / steps_per_epoch
-                    writer.write(step, record)
-                    writer.progress(step, loss=record["loss"],
-                                    **({"samples/s": record["samples_per_s"]} if "samples_per_s" in record else {}))
-                    interval = {"steps": 0, "t0": time.perf_counter(), "pause": 0.0}
-                    interval_records = []
-                t_pause = time.perf_counter()
-                if is_ckpt:
-                    ckpt.save(step, state, data_iter if save_data else None)
-                if is_eval:
-                    results = run_evaluators(evaluators, setup, state, step)
-                    if results:
-                        writer.write(step, results)
-                        logger.info("step %d eval: %s", step, results)
-                interval["pause"] += time.perf_counter() - t_pause
-                # One process alone cannot stop a multi-process run: they agree at each log step.
-                signum = stop.requested(sync=is_log) if not is_last else None
-                if signum:
-                    check_pending()  # a non-finite state is never saved
-                    ckpt.save(step, state, data_iter if save_data else None)
-                    ckpt.wait()
-                    writer.write(step, {"event": f"stopped_by_{signal.Signals(signum).name}"})
-                    raise TrainingInterrupted(signum, step, ckpt.latest_step(), workdir)
-            ckpt.wait()
-    finally:
-        writer.close()
-        ckpt.close()
-    return TrainResult(setup=setup, state=state, step=total, workdir=workdir, start_step=start,
-                       fingerprint=digest)
+    def run(self, state: TrainState, start: int, stop: _StopSignals) -> TrainState:
+        s = self.settings
+        for step in range(start + 1, s.total + 1):
+            batch = self.next_batch(step)
+            if step == start + 1:  # before the first step: refuse a step the devices cannot hold
+                self.train_step = check_step_fits(self.train_step, self.setup, state, batch, batch_size=s.global_batch,
+                                                  accum=s.accum, workdir=self.workdir)
+            state, metrics = self.train_step(state, batch)
+            self.pending.append((step, metrics))
+            self.throughput.stepped(metrics)
+            self.writer.progress(step)
+            is_last = step == s.total
+            is_log = step % s.log_every == 0 or is_last
+            is_ckpt = (s.ckpt_every > 0 and step % s.ckpt_every == 0) or is_last
+            is_eval = bool(self.evaluators) and is_eval_step(step, total=s.total, eval_every=s.eval_every,
+                                                             steps_per_epoch=s.steps_per_epoch)
+            if is_log or is_ckpt or is_eval:
+                self.interval.extend(m for _, m in self.fetch())
+            if is_log and self.interval:
+                self.log(step, start)
+            with self.throughput.paused():
+                self.checkpoint_and_evaluate(step, state, is_ckpt, is_eval)
+            # One process alone cannot stop a multi-process run: they agree at each log step.
+            signum = stop.requested(sync=is_log) if not is_last else None
+            if signum:
+                self.fetch()  # a non-finite state is never saved
+                self.ckpt.save(step, state, self.saved_data)
+                self.ckpt.wait()
+                self.writer.write(step, {"event": f"stopped_by_{signal.Signals(signum).name}"})
+                raise TrainingInterrupted(signum, step, self.ckpt.latest_step(), self.workdir)
+        self.ckpt.wait()
+        return state
+
+    def checkpoint_and_evaluate(self, step: int, state: TrainState, is_ckpt: bool, is_eval: bool) -> None:
+        if is_ckpt:
+            self.ckpt.save(step, state, self.saved_data)
+        if is_eval:
+            results = run_evaluators(self.evaluators, self.setup, state, step)
+            if results:
+                self.writer.write(step, results)
+                logger.info("step %d eval: %s", step, results)
 
 
 def _summarise(records: list[dict[str, float]]) -> dict[str, float]:

@@ -32,6 +32,7 @@ does (``optax.inject_hyperparams``).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax.numpy as jnp
@@ -39,14 +40,74 @@ import optax
 
 from bioscan_jax import config_access
 
+SCHEDULES = ("onecycle", "warmup_cosine", "constant")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSettings:
+    """A stage's ``optim`` section, read once (:meth:`read`) and checked when built; its field
+    defaults (the table above) are the only ones: ``loop.default_config()`` and
+    ``configs/common.adamw_onecycle`` take theirs from here."""
+
+    lr: float = 1e-4
+    lr_ref_batch: int = 64
+    weight_decay: float = 0.0
+    warmup_frac: float = 0.3
+    schedule: str = "onecycle"
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    div_factor: float = 25.0
+    final_div_factor: float = 1e4
+    grad_clip: float = 0.0
+    cycle_momentum: bool = False
+    base_momentum: float = 0.85
+    max_momentum: float = 0.95
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"config.optim.schedule={self.schedule!r} is unknown; use "
+                             + ", ".join(repr(x) for x in SCHEDULES[:-1]) + f" or {SCHEDULES[-1]!r}")
+        if not 0.0 <= self.warmup_frac < 1.0:
+            raise ValueError(f"config.optim.warmup_frac must be in [0, 1), got {self.warmup_frac}")
+        if self.cycle_momentum and self.schedule != "onecycle":
+            raise ValueError("config.optim.cycle_momentum=True needs config.optim.schedule='onecycle'")
+
+    @classmethod
+    def read(cls, section: Any) -> OptimSettings:
+        """The settings of an ``optim`` section (a ConfigDict, a dict, None or settings); an
+        unknown field (a typo) raises instead of being ignored. ``None`` for ``lr_ref_batch`` or
+        ``grad_clip`` means 0 (unscaled, no clipping)."""
+        if isinstance(section, cls):
+            return section
+        values = dict(config_access.to_dict(section) or {})
+        kinds = {f.name: type(f.default) for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(kinds))
+        if unknown:
+            raise ValueError(f"config.optim has no field {', '.join(unknown)}; its fields: {', '.join(kinds)}")
+        for name in ("lr_ref_batch", "grad_clip"):
+            if values.get(name, 0) is None:
+                values[name] = 0
+        values = {k: _as(kinds[k], k, v) for k, v in values.items()}
+        if "schedule" in values:
+            values["schedule"] = values["schedule"].lower()
+        return cls(**values)
+
+    def as_section(self) -> dict[str, Any]:
+        """The fields as a config section (a plain dict)."""
+        return dataclasses.asdict(self)
+
+
+def _as(kind: type, name: str, value: Any) -> Any:
+    if kind is int and float(value) != int(float(value)):
+        raise ValueError(f"config.optim.{name} must be a whole number, got {value!r}")
+    return kind(float(value)) if kind is int else kind(value)
+
 
 def peak_lr(optim_config: Any, global_batch: int) -> float:
     """``lr * global_batch / lr_ref_batch`` (linear scaling), or ``lr`` when no reference batch."""
-    lr = float(config_access.get(optim_config, "lr", 1e-4))
-    ref = config_access.get(optim_config, "lr_ref_batch", 64)
-    if ref:
-        lr *= global_batch / float(ref)
-    return lr
+    o = OptimSettings.read(optim_config)
+    return o.lr * global_batch / float(o.lr_ref_batch) if o.lr_ref_batch else o.lr
 
 
 def _cos_anneal(start, end, pct):
@@ -75,24 +136,17 @@ def make_schedule(optim_config: Any, *, total_steps: int, global_batch: int) -> 
     """The learning-rate schedule over ``total_steps`` optimiser updates."""
     if total_steps <= 0:
         raise ValueError(f"the number of training steps must be positive, got {total_steps}")
-    peak = peak_lr(optim_config, global_batch)
-    kind = str(config_access.get(optim_config, "schedule", "onecycle")).lower()
-    warmup_frac = float(config_access.get(optim_config, "warmup_frac", 0.3))
-    if not 0.0 <= warmup_frac < 1.0:
-        raise ValueError(f"config.optim.warmup_frac must be in [0, 1), got {warmup_frac}")
-    div = float(config_access.get(optim_config, "div_factor", 25.0))
-    final_div = float(config_access.get(optim_config, "final_div_factor", 1e4))
-    if kind == "onecycle":
-        return onecycle(total_steps, start=peak / div, peak=peak, end=peak / div / final_div, pct_start=warmup_frac)
-    if kind == "warmup_cosine":
-        warmup = int(round(warmup_frac * total_steps))
+    o = OptimSettings.read(optim_config)
+    peak = peak_lr(o, global_batch)
+    start, end = peak / o.div_factor, peak / o.div_factor / o.final_div_factor
+    if o.schedule == "onecycle":
+        return onecycle(total_steps, start=start, peak=peak, end=end, pct_start=o.warmup_frac)
+    if o.schedule == "warmup_cosine":
+        warmup = int(round(o.warmup_frac * total_steps))
         return optax.warmup_cosine_decay_schedule(
-            init_value=peak / div, peak_value=peak, warmup_steps=warmup,
-            decay_steps=max(total_steps, warmup + 1), end_value=peak / div / final_div)
-    if kind == "constant":
-        return optax.constant_schedule(peak)
-    raise ValueError(
-        f"config.optim.schedule={kind!r} is unknown; use 'onecycle', 'warmup_cosine' or 'constant'")
+            init_value=start, peak_value=peak, warmup_steps=warmup,
+            decay_steps=max(total_steps, warmup + 1), end_value=end)
+    return optax.constant_schedule(peak)
 
 
 def make_optimizer(
@@ -100,24 +154,15 @@ def make_optimizer(
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW (+ optional global-norm clipping) driven by :func:`make_schedule` (and, with
     ``cycle_momentum``, beta1 driven by the matching OneCycle momentum curve)."""
-    schedule = make_schedule(optim_config, total_steps=total_steps, global_batch=global_batch)
-    b1: Any = float(config_access.get(optim_config, "b1", 0.9))
+    o = OptimSettings.read(optim_config)
+    schedule = make_schedule(o, total_steps=total_steps, global_batch=global_batch)
+    b1: Any = o.b1
     adamw = optax.adamw
-    if bool(config_access.get(optim_config, "cycle_momentum", False)):
-        if str(config_access.get(optim_config, "schedule", "onecycle")).lower() != "onecycle":
-            raise ValueError("config.optim.cycle_momentum=True needs config.optim.schedule='onecycle'")
-        high, low = float(config_access.get(optim_config, "max_momentum", 0.95)), float(config_access.get(optim_config, "base_momentum", 0.85))
-        b1 = onecycle(total_steps, start=high, peak=low, end=high,
-                      pct_start=float(config_access.get(optim_config, "warmup_frac", 0.3)))
+    if o.cycle_momentum:
+        b1 = onecycle(total_steps, start=o.max_momentum, peak=o.base_momentum, end=o.max_momentum,
+                      pct_start=o.warmup_frac)
         adamw = optax.inject_hyperparams(optax.adamw)
-    tx = adamw(
-        learning_rate=schedule,
-        b1=b1,
-        b2=float(config_access.get(optim_config, "b2", 0.999)),
-        eps=float(config_access.get(optim_config, "eps", 1e-8)),
-        weight_decay=float(config_access.get(optim_config, "weight_decay", 0.0)),
-    )
-    clip = float(config_access.get(optim_config, "grad_clip", 0.0) or 0.0)
-    if clip > 0:
-        tx = optax.chain(optax.clip_by_global_norm(clip), tx)
+    tx = adamw(learning_rate=schedule, b1=b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
+    if o.grad_clip > 0:
+        tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), tx)
     return tx, schedule

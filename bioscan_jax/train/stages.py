@@ -1,5 +1,5 @@
-"""Training stages the tasks share: the loop config of a stage, its run identity, the DNA
-masked-token (BarcodeBERT) pretraining stage and the species fine-tuning stage.
+"""Training stages the tasks share: the loop config of a stage, its run identity and the DNA
+masked-token (BarcodeBERT) pretraining stage.
 
 The pretraining stage: BarcodeBERT pretrains its encoder with it (``tasks/barcodebert``), CLIBD
 pretrains its DNA tower with it (``model.dna.init='mlm'``), and zero-shot clustering pretrains the
@@ -7,8 +7,8 @@ BarcodeBERT it clusters with (``tasks/zsc``): one function, called with each tas
 instead of each task assembling a BarcodeBERT-shaped config for another task's function.
 
 The reference: BarcodeBERT's ``barcodebert/pretraining.py`` (masked k-mer modelling, AdamW +
-OneCycle, loss on the masked positions) and ``finetuning.py`` (a linear species head on the
-pooled encoder, :func:`finetune_species`, the fine-tune stage of ``tasks/barcodebert``).
+OneCycle, loss on the masked positions). Species fine-tuning, BarcodeBERT's own stage, is
+:mod:`bioscan_jax.tasks.barcodebert.finetune`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
@@ -133,54 +133,6 @@ def pretrain_mlm(config: ml_collections.ConfigDict, stage: ml_collections.Config
         model_factory=lambda rngs: kmer_bert.KmerBertForMLM(model_cfg, rngs=rngs),
         loss_fn=losses.mlm_loss, data_iter_factory=data_iter, steps_per_epoch=len(source) // batch,
         identity=identity, evaluators=evaluators)
-
-
-def finetune_species(config: ml_collections.ConfigDict, stage: ml_collections.ConfigDict, data: sources.Splits,
-                     split: str, model_cfg: kmer_bert.KmerBertConfig, tokenizer, workdir: str, *,
-                     encoder: nnx.Module | None = None, encoder_identity: str = "",
-                     head: Mapping[str, Any] | None = None, head_identity: Any = None, worker_count: int = 0,
-                     evaluators: Sequence[loop.Evaluator] = (), **identity: Any) -> loop.TrainResult:
-    """Species fine-tuning of a :class:`~bioscan_jax.models.kmer_bert.KmerBertClassifier`
-    (``stage.pooling``, default ``masked_mean``) on ``data[split]``, in ``workdir``.
-
-    The encoder starts from ``encoder``'s parameters (if given; ``encoder_identity``, e.g. the
-    pretraining run's fingerprint, is part of the run identity) and the head from ``head``
-    (``{'kernel': [hidden, species], 'bias': [species]}``, e.g. a linear probe of the frozen
-    encoder; ``head_identity`` says what it depends on) or at random. ``identity`` adds options
-    to the run identity; ``evaluators`` run at each epoch end (or every ``train.eval_every``
-    steps) and after the last step. ``config`` gives the seed (the batches use ``seed + 1``),
-    mesh, sharding rules and resume policy; ``stage`` the ``train``, ``optim`` and ``checkpoint``
-    sections.
-    """
-    source = data[split]
-    num_classes = data.num_classes("species")
-    pooling = stage.get("pooling", "masked_mean")
-    batch = stage.train.batch_size
-
-    def factory(rngs):
-        return kmer_bert.KmerBertClassifier(model_cfg, num_classes, pooling=pooling, rngs=rngs)
-
-    warm_start = {}
-    if encoder is not None:  # start the encoder from the pretrained one
-        warm_start["bert"] = nnx.state(encoder, nnx.Param).to_pure_dict()
-    if head is not None:
-        if head["kernel"].shape != (model_cfg.hidden_size, num_classes):
-            raise ValueError(f"linear-probe head of shape {head['kernel'].shape} does not fit the classifier "
-                             f"({model_cfg.hidden_size} features, {num_classes} species)")
-        warm_start["head"] = {"kernel": head["kernel"], "bias": head["bias"]}
-
-    def data_iter():
-        return iter(pipeline.dna_pipeline(
-            source, tokenizer=tokenizer, batch_size=mesh_lib.process_batch_size(batch), train=True, seed=config.seed + 1,
-            label_rank="species", worker_count=worker_count))
-
-    identity = dna_stage_identity(model_cfg, tokenizer, data, split, num_classes=num_classes, pooling=pooling,
-                                  encoder=(encoder_identity or "given") if encoder is not None else "random",
-                                  head=head_identity if head is not None else "random", **identity)
-    return loop.train(
-        stage_config(config, stage), workdir, model_factory=factory,
-        loss_fn=losses.classification_loss, data_iter_factory=data_iter, steps_per_epoch=len(source) // batch,
-        warm_start=warm_start or None, identity=identity, evaluators=evaluators)
 
 
 def open_dna_split(data_config, split: str, *, seed: int, dedup: bool,

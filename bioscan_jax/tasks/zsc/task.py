@@ -11,12 +11,12 @@ Embeddings are computed once per model (jitted, batch-sharded over the mesh's da
 written to ``workdir/embeddings/<split>__<model>.npz`` with the processids and label indices of
 the records; later runs reuse them (clustering can be rerun with other settings without
 re-embedding) unless ``config.embed.recompute`` is set, the model definition changed, or the
-split's records differ (:func:`bioscan_jax.eval.embedding_cache.cached_embeddings`).
+split's records differ (:func:`bioscan_jax.tasks.zsc.embedding_cache.cached_embeddings`).
 
-The stages: check the specs and models (:mod:`bioscan_jax.eval.zsc_encoders`) → open the split →
+The stages: check the specs and models (:mod:`bioscan_jax.tasks.zsc.encoders`) → open the split →
 embed each model (or reuse its embeddings); a model whose weights come from a training stage
 (:func:`pretrained_barcodebert`, :func:`clibd_towers`) trains or loads it here → score each spec
-(:mod:`bioscan_jax.eval.zsc_eval`) → write the table, plots and ``zsc.json``.
+(:mod:`bioscan_jax.tasks.zsc.evaluation`) → write the table, plots and ``zsc.json``.
 
 Bad input:
 
@@ -45,11 +45,13 @@ from flax import nnx
 
 from bioscan_jax.data import dna as dna_lib
 from bioscan_jax.data import fields, sources
-from bioscan_jax.eval import embedding_cache, zsc_encoders, zsc_eval
-from bioscan_jax.eval.embedding_cache import fingerprint
-from bioscan_jax.eval.zsc_encoders import RANKS
+from bioscan_jax.tasks.zsc import embedding_cache
+from bioscan_jax.tasks.zsc import encoders as zsc_encoders
+from bioscan_jax.tasks.zsc import evaluation as zsc_eval
+from bioscan_jax.tasks.zsc.embedding_cache import fingerprint
+from bioscan_jax.tasks.zsc.encoders import RANKS
 from bioscan_jax.models import kmer_bert
-from bioscan_jax import config_access
+from bioscan_jax import config_access, tasks
 from bioscan_jax import sharding as mesh_lib
 from bioscan_jax.train import stages
 
@@ -93,23 +95,22 @@ def clibd_towers(config, workdir: str, cache: dict) -> nnx.Module:
     else trained by the CLIBD task in this run's workdir (resumed, or returned at once when a
     previous run already finished it)."""
     if "clibd" not in cache:
-        from bioscan_jax.train import clibd  # only when a CLIBD tower is used
-
+        clibd = tasks.get("clibd")  # the CLIBD task's spec: its train and load, not its modules
         path = clibd_workdir(config, workdir)
         if config.clibd_workdir:
-            cache["clibd"] = clibd.load_towers(path, config.clibd)
+            cache["clibd"] = clibd.load(path, config.clibd)
             logger.info("loaded the CLIBD towers from %s", path)
         else:
             t0 = time.perf_counter()
             clibd_config = config.clibd.copy_and_resolve_references()
             clibd_config.resume = config.get("resume", "auto")  # --config.resume applies to every stage
-            cache["clibd"], summary = clibd.train_clibd(clibd_config, path)
+            cache["clibd"], summary = clibd.train(clibd_config, path)
             logger.info("CLIBD training: %d steps in %.1fs, %s", summary["steps"], time.perf_counter() - t0, path)
     return cache["clibd"]
 
 
 def trained_models(config, workdir: str) -> zsc_encoders.Trained:
-    """``trained(kind)`` for :func:`bioscan_jax.eval.zsc_encoders.build_encoder`: the pretrained
+    """``trained(kind)`` for :func:`bioscan_jax.tasks.zsc.encoders.build_encoder`: the pretrained
     BarcodeBERT (``'pretrain'``) or the CLIBD towers, trained or loaded once per run (``'clibd'``)."""
     cache: dict[str, Any] = {}
 
@@ -134,15 +135,22 @@ def open_data(config, names: list[str]) -> sources.Splits:
     return sources.open_splits(config.data, [config.data.split], features=features, seed=config.seed)
 
 
+def check_config(config: ml_collections.ConfigDict) -> list[zsc_encoders.EncoderSpec]:
+    """Every config error of the task, as one line, before any data is built (the encoder specs,
+    each model they name, the embedding batch on the mesh); returns the parsed specs."""
+    specs = zsc_encoders.parse_specs(config.encoders, config.models)
+    for name in dict.fromkeys(n for s in specs for n in s.models):
+        zsc_encoders.check_model_config(name, config.models[name])
+    mesh_lib.validate_batch(int(config.embed.batch_size), mesh_lib.make_mesh(config.mesh))
+    return specs
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Embed (or reuse embeddings) → reduce → Ward → AMI per rank, for every encoder spec."""
     t_start = time.perf_counter()
-    specs = zsc_encoders.parse_specs(config.encoders, config.models)
+    specs = check_config(config)
     names = list(dict.fromkeys(n for s in specs for n in s.models))
-    for name in names:
-        zsc_encoders.check_model_config(name, config.models[name])
     mesh = mesh_lib.make_mesh(config.mesh)
-    mesh_lib.validate_batch(int(config.embed.batch_size), mesh)
     os.makedirs(workdir, exist_ok=True)
 
     split = config.data.split

@@ -413,7 +413,7 @@ def train_clibd(config, workdir: str, *, setup: ClibdSetup | None = None,
     """Contrastive training of the CLIBD towers (resumes from ``workdir/train/checkpoints``).
 
     ``evaluators`` run at the loop's evaluation steps (the task passes the validation retrieval,
-    :class:`bioscan_jax.eval.clibd_eval.ValRetrieval`). Returns ``(trained model, summary)``; the
+    :class:`bioscan_jax.tasks.clibd.evaluation.ValRetrieval`). Returns ``(trained model, summary)``; the
     summary holds the step count, time and data sizes.
     """
     check_config(config)

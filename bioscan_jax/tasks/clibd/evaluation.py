@@ -13,19 +13,17 @@ modality, so the retrieval metrics leave them out and count them (``n_queries_na
 of that rank (``n_excluded_unlabelled``). An empty key or query split is a ``ValueError`` naming
 the split.
 
-``setup`` below is the training side's :class:`bioscan_jax.train.clibd.ClibdSetup` (the opened
+``setup`` below is the training side's :class:`bioscan_jax.tasks.clibd.training.ClibdSetup` (the opened
 splits, DNA tokenizer, text vocabulary, model config and mesh); this module reads its fields only.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import grain
-import jax.numpy as jnp
 import numpy as np
 
 from bioscan_jax import config_access
@@ -154,19 +152,6 @@ class EvalBatches:
                 yield {**batch, "split_id": np.full(len(batch[pipeline.ROW]), i, np.int32)}
 
 
-@functools.lru_cache(maxsize=None)
-def tower_features(modalities: tuple[str, ...]):
-    """``(model, batch) -> [B, len(modalities) * embed_dim]``, the towers' aligned features
-    side by side; one function per modality set, so repeated evaluations reuse one compiled
-    forward (:func:`bioscan_jax.eval.embed.embed_batches`)."""
-
-    def embed_fn(model, batch):
-        features, _ = model(batch, modalities=modalities, deterministic=True)
-        return jnp.concatenate([features[m] for m in modalities], axis=-1)
-
-    return embed_fn
-
-
 def embed_splits(config, model: towers.ClibdModel, setup, batches: EvalBatches, splits: Sequence[str],
                  ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, dict[str, np.ndarray]], dict[str, Any]]:
     """Embeds ``splits`` with one jitted forward: ``(embeddings[split][modality],
@@ -174,7 +159,7 @@ def embed_splits(config, model: towers.ClibdModel, setup, batches: EvalBatches, 
     mods = eval_modalities(config, setup.model_config)
     dim = setup.model_config.embed_dim
     keep = ("split_id", "image_ok", "dna_ok", *(f"label_{r}" for r in batches.ranks))
-    out = embed_lib.embed_batches(model, batches.batches(splits), tower_features(mods), mesh=setup.mesh,
+    out = embed_lib.embed_batches(model, batches.batches(splits), towers.aligned_features(mods), mesh=setup.mesh,
                                   batch_size=int(config.eval.batch_size), keep=keep,
                                   order_by=("split_id", pipeline.ROW))
     embeddings, labels, excluded = {}, {}, {}

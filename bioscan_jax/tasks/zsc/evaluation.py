@@ -21,7 +21,7 @@ import numpy as np
 
 from bioscan_jax.eval import clustering
 from bioscan_jax.eval import clustering_plots
-from bioscan_jax.eval.zsc_encoders import KEEP, RANKS, EncoderSpec
+from bioscan_jax.tasks.zsc.encoders import KEEP, RANKS, EncoderSpec
 
 logger = logging.getLogger(__name__)
 

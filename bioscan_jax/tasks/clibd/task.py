@@ -22,7 +22,7 @@ What a run does (``run``):
    steps, or each epoch end when 0, and after the last step) the species macro top-1 retrieval
    of the validation queries (``eval.val_query_splits``, ``val`` / ``val_unseen``; ``''`` turns
    it off) goes to ``train/metrics.jsonl`` as ``val/<pair>/species_macro_top1_{seen,unseen,hm}``
-   (:class:`bioscan_jax.eval.clibd_eval.ValRetrieval`), and ``training_curves.png`` draws the
+   (:class:`bioscan_jax.tasks.clibd.evaluation.ValRetrieval`), and ``training_curves.png`` draws the
    loss and those curves;
 6. evaluates by nearest-key retrieval (keys ``train`` + ``key_unseen``, queries ``test`` and
    ``test_unseen``; DNA→DNA, image→image, image→DNA; top-1/3/5 micro and macro accuracy per
@@ -37,8 +37,8 @@ a rank are left out of that rank (``n_excluded_unlabelled``). An empty key or qu
 naming the record (prepare the dataset with ``on_bad_record='skip'`` to drop such records).
 
 The training side (config → towers, data setup, pretrained encoders, ``train_clibd``,
-``load_towers``) lives in :mod:`bioscan_jax.train.clibd`, the evaluation in
-:mod:`bioscan_jax.eval.clibd_eval` and the report in :mod:`bioscan_jax.eval.report`; this module
+``load_towers``) lives in :mod:`bioscan_jax.tasks.clibd.training`, the evaluation in
+:mod:`bioscan_jax.tasks.clibd.evaluation` and the report in :mod:`bioscan_jax.eval.report`; this module
 runs the stages in order.
 """
 
@@ -55,11 +55,11 @@ import ml_collections
 
 from bioscan_jax.data import sources
 from bioscan_jax.checkpoint import complete_steps
-from bioscan_jax.eval import clibd_eval
+from bioscan_jax.tasks.clibd import evaluation as clibd_eval
 from bioscan_jax.eval import evaluators as evaluators_lib
 from bioscan_jax.eval import report as report_lib
 from bioscan_jax.eval import retrieval
-from bioscan_jax.train import clibd as clibd_train
+from bioscan_jax.tasks.clibd import training as clibd_train
 from bioscan_jax.train import curves
 from bioscan_jax.train.state import make_rngs
 

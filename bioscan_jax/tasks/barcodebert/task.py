@@ -26,8 +26,10 @@ from flax import nnx
 
 from bioscan_jax.data import dna as dna_lib
 from bioscan_jax.data import schema, sources
-from bioscan_jax.eval import dna_probes, evaluators, probes
-from bioscan_jax.eval.dna_probes import validation_split
+from bioscan_jax.eval import evaluators, probes
+from bioscan_jax.tasks.barcodebert import evaluation as dna_probes
+from bioscan_jax.tasks.barcodebert.finetune import finetune_species
+from bioscan_jax.tasks.barcodebert.evaluation import validation_split
 from bioscan_jax.models import kmer_bert
 from bioscan_jax.train import curves, loop, stages
 from bioscan_jax import sharding as mesh_lib
@@ -97,7 +99,7 @@ def evaluated_sets(config, data: sources.Splits) -> dict[str, dict[str, Any]]:
 
 def finetune(config, data: sources.Splits, model_cfg, tokenizer, encoder: nnx.Module | None, workdir: str,
              head: probes.LinearHead | None = None, encoder_identity: str = "", mesh=None):
-    """Species fine-tuning on ``data.finetune_split`` (:func:`bioscan_jax.train.stages.finetune_species`),
+    """Species fine-tuning on ``data.finetune_split`` (:func:`bioscan_jax.tasks.barcodebert.finetune.finetune_species`),
     starting from ``encoder`` (if given) and from ``head`` (a linear probe of the frozen encoder,
     for ``finetune.head_init='linear_probe'``) or a random head. ``encoder_identity`` (the
     pretraining run's fingerprint) is part of this stage's run identity.
@@ -115,7 +117,7 @@ def finetune(config, data: sources.Splits, model_cfg, tokenizer, encoder: nnx.Mo
         keeper.clear()  # a run from step 0 keeps nothing of an earlier one
     # val_split decides which parameters best_val/ keeps, so it is part of the identity; select is
     # not: it changes neither the training nor what is kept, only which kept parameters are reported.
-    return stages.finetune_species(
+    return finetune_species(
         config, config.finetune, data, config.data.finetune_split, model_cfg, tokenizer, stage_dir,
         encoder=encoder, encoder_identity=encoder_identity,
         head=None if head is None else {"kernel": head.kernel, "bias": head.bias},

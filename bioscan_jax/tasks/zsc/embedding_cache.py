@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from bioscan_jax.eval import embed as embed_lib
-from bioscan_jax.eval import zsc_encoders
-from bioscan_jax.eval.zsc_encoders import KEEP, Encoder
+from bioscan_jax.tasks.zsc import encoders as zsc_encoders
+from bioscan_jax.tasks.zsc.encoders import KEEP, Encoder
 from bioscan_jax import config_access
 from bioscan_jax.models import params as params_lib
 

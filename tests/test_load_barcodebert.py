@@ -224,3 +224,37 @@ def test_convert_writes_a_model_directory_that_is_itself_a_spec(tmp_path, barcod
                                   ours["embeddings"]["word"]["embedding"])
     assert cli.main(["convert", "--model", str(path), "--out", str(out)]) == 1  # never over an existing model
     assert cli.main(["convert", "--model", "kmer:4", "--out", str(tmp_path / "k")]) == 1
+
+
+def test_one_resolver_serves_the_cli_clibd_and_zsc(tmp_path, barcodes, monkeypatch):
+    """The CLI's --model, CLIBD's model.dna.init and ZSC's weights='checkpoint' all find the
+    encoder through convert.barcodebert.resolve: a released file and a converted directory give
+    the same weights to each, and a missing path names the setting."""
+    import ml_collections
+
+    from bioscan_jax.eval import dna_embedder
+    from bioscan_jax.models import kmer_bert
+    from bioscan_jax.tasks.clibd import training as clibd_train
+    from bioscan_jax.tasks.zsc import encoders as zsc_encoders
+
+    calls = []
+    real = bb_load.resolve
+    monkeypatch.setattr(bb_load, "resolve", lambda *a, **kw: calls.append(kw.get("what")) or real(*a, **kw))
+    k = 4
+    model = perturb(transformers.BertForMaskedLM(_bert_config(4**k + 3)), 5)
+    path = tmp_path / "released_4.pth"
+    torch.save({"module." + key: v for key, v in model.state_dict().items()}, path)
+    released = real(path)
+    cli = dna_embedder.resolve(str(path)).loaded
+    clibd = clibd_train._kmer_bert_state(str(path), released.config)
+    m = ml_collections.ConfigDict(dict(weights="checkpoint", path=str(path), frames=1,
+                                       **bb_load.config_to_json(released.config)))
+    monkeypatch.setattr(kmer_bert, "config_from", lambda section: released.config)
+    config = ml_collections.ConfigDict(dict(seed=0, data=dict(max_nucleotides=660)))
+    zsc = zsc_encoders.dna_encoder("released", m, config, trained=None).model
+    assert calls == ["model spec", "config.model.dna.init", "config.models.released.path"]
+    want = nnx.state(released.model, nnx.Param).to_pure_dict()["embeddings"]["word"]["embedding"]
+    for got in (nnx.state(cli.model, nnx.Param).to_pure_dict(), clibd["encoder"], nnx.state(zsc, nnx.Param).to_pure_dict()):
+        np.testing.assert_array_equal(got["embeddings"]["word"]["embedding"], want)
+    with pytest.raises(FileNotFoundError, match="config.model.dna.init '.*nowhere': no such file"):
+        real(str(tmp_path / "nowhere"), what="config.model.dna.init")

@@ -383,3 +383,28 @@ def load_workdir(path: str | os.PathLike, *, variant: str | None = None,
     towers.load_params(model, params.get("bert", params), f"encoder in {stage_dir}")
     return Loaded(model=model, config=cfg, format=fmt, protocol=protocol, source=f"{stage_dir} (step {step})")
 
+
+def resolve(spec: str | os.PathLike, *, what: str = "model", num_heads: int | None = None,
+            model_config: kmer_bert.KmerBertConfig | None = None) -> Loaded:
+    """The BarcodeBERT encoder a path or hub id names: the one resolver of the CLI (``--model``),
+    CLIBD (``model.dna.init``) and ZSC (``weights='checkpoint'``).
+
+    * a hub id (``owner/name[:file]``): the Hugging Face cache, or the hub when online, first;
+    * a directory without ``config.json``: a bioscan-jax BarcodeBERT run or a ``bioscan-jax
+      convert`` output (:func:`load_workdir`, sized by ``model_config`` when given);
+    * a checkpoint file or an HF model directory in any released format (:func:`load`).
+
+    ``what`` names the setting in the error for a path that does not exist."""
+    from bioscan_jax.convert import hub
+
+    spec = str(spec)
+    if hub.is_hub_id(spec):
+        spec = str(hub.resolve(spec, what=what))
+    if os.path.isdir(spec) and not os.path.exists(os.path.join(spec, "config.json")):
+        return load_workdir(spec, model_config=model_config)
+    if not os.path.exists(spec):
+        raise FileNotFoundError(
+            f"{what} {spec!r}: no such file or directory. A BarcodeBERT model is a checkpoint file (.pt/.pth/"
+            f".bin/.safetensors), a Hugging Face model directory (download a hub model with "
+            f"`huggingface-cli download <id> --local-dir DIR`), or a bioscan-jax BarcodeBERT workdir")
+    return load(spec, num_heads=num_heads)

@@ -19,7 +19,6 @@ dropped.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -132,16 +131,9 @@ def resolve(spec: str, *, num_heads: int | None = None, max_nucleotides: int = 6
             raise ValueError(f"model spec {spec!r}: expected kmer:K with an integer K") from None
         return KmerEmbedder(k, max_nucleotides)
     from bioscan_jax.convert import barcodebert as bb_load
-    from bioscan_jax.convert import hub
 
-    name = spec
-    if hub.is_hub_id(spec):  # owner/name[:file]: the Hugging Face cache, or the hub when online
-        spec = str(hub.resolve(spec, what="--model"))
-    if os.path.isdir(spec) and not os.path.exists(os.path.join(spec, "config.json")):
-        return BertEmbedder(bb_load.load_workdir(spec), name, max_nucleotides)
-    if not os.path.exists(spec):
-        raise FileNotFoundError(
-            f"model spec {spec!r}: no such file or directory. A SPEC is kmer:K, a checkpoint file (.pt/.pth/"
-            f".bin/.safetensors), a Hugging Face model directory (download a hub model with "
-            f"`huggingface-cli download <id> --local-dir DIR`), or a bioscan-jax BarcodeBERT workdir")
-    return BertEmbedder(bb_load.load(spec, num_heads=num_heads), name, max_nucleotides)
+    try:
+        loaded = bb_load.resolve(spec, what="model spec", num_heads=num_heads)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e}; or kmer:K, the k-mer profile of every read") from None
+    return BertEmbedder(loaded, spec, max_nucleotides)

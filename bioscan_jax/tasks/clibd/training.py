@@ -230,7 +230,7 @@ def _kmer_bert_state(path: str, cfg: kmer_bert.KmerBertConfig) -> dict[str, Any]
     """DNA encoder parameters (and, when the checkpoint has one, its MLM transform as
     ``'transform'``) from a run of this project (BarcodeBERT: its ``bert``; CLIBD: its DNA tower's
     encoder) or a released BarcodeBERT checkpoint in any format
-    (:func:`bioscan_jax.convert.barcodebert.load`; a hub id is resolved first)."""
+    (:func:`bioscan_jax.convert.barcodebert.resolve`)."""
     ckpt_dir = _checkpoint_dir(path)
     if ckpt_dir is not None:
         params = checkpoint_lib.restore_params(ckpt_dir)
@@ -240,9 +240,8 @@ def _kmer_bert_state(path: str, cfg: kmer_bert.KmerBertConfig) -> dict[str, Any]
             return {"encoder": params["dna"]["encoder"]}
         return {"encoder": params}
     from bioscan_jax.convert import barcodebert as bb_load
-    from bioscan_jax.convert import hub
 
-    loaded = bb_load.load(hub.resolve(path, what="config.model.dna.init"), num_heads=cfg.num_heads)
+    loaded = bb_load.resolve(path, what="config.model.dna.init", num_heads=cfg.num_heads)
     for field in ("k", "hidden_size", "num_layers", "intermediate_size", "vocab_size"):
         if getattr(loaded.config, field) != getattr(cfg, field):
             raise ValueError(f"config.model.dna.init {path}: the checkpoint has {field}={getattr(loaded.config, field)}, "

@@ -225,7 +225,7 @@ def dna_encoder(name: str, m: Any, config, trained: Trained) -> Encoder:
     elif m.weights == "checkpoint":
         from bioscan_jax.convert import barcodebert as bb_load
 
-        model = bb_load.load_workdir(m.path, model_config=kmer_bert.config_from(m)).model
+        model = bb_load.resolve(m.path, what=f"config.models.{name}.path", model_config=kmer_bert.config_from(m)).model
     else:
         model = kmer_bert.KmerBert(kmer_bert.config_from(m), rngs=nnx.Rngs(config.seed))
         if m.weights == "hf":

@@ -1,7 +1,10 @@
 """Shared test fixtures."""
 
+import contextlib
 import os
 import pathlib
+import subprocess
+import uuid
 
 import pytest
 
@@ -18,6 +21,22 @@ def real_barcodes_path() -> pathlib.Path:
     if not REAL_BARCODES.exists():
         pytest.skip(f"real barcodes not found at {REAL_BARCODES} (they live in ../shared/data/real_barcodes/)")
     return REAL_BARCODES
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(parent: pathlib.Path, options: str):
+    """A real tmpfs mounted under ``parent`` with ``options`` (e.g. ``ro,size=1m``), unmounted
+    after; skips where mounting is not allowed (not root, no mount namespace)."""
+    mount_point = parent / f"tmpfs-{uuid.uuid4().hex[:6]}"
+    mount_point.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount_point)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs ({options}) here ({done.stderr.strip() or done.returncode})")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
 #: Fixtures that train and evaluate a whole task, or run a multi-process or kill-and-resume job,

@@ -10,29 +10,21 @@ import os
 import pathlib
 import subprocess
 import sys
-import uuid
 
 import numpy as np
 import pytest
 
 from bioscan_jax import checkpoint as checkpoint_lib
 from bioscan_jax.checkpoint import Checkpointer, DiskFullError
+from conftest import mounted_tmpfs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def small_disk(tmp_path):
-    mount_point = tmp_path / f"disk-{uuid.uuid4().hex[:6]}"
-    mount_point.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.strip() or done.returncode})")
-    try:
+    with mounted_tmpfs(tmp_path, "size=2m") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
 def fill(disk, leave: int):

@@ -66,24 +66,19 @@ def test_each_bold_reader_checks_for_binary_data(tmp_path):
             reader(path)
 
 
-def test_a_nul_byte_past_the_first_64_kb_is_binary_too(tmp_path):
-    rows = "".join(f"P{i}\tAus bus\t{'ACGT' * 60}\n" for i in range(400))  # ~100 KB
-    tsv = tmp_path / "late.tsv"
-    text = "processid\tspecies_name\tnucleotides\n" + rows
+@pytest.mark.parametrize("name, header, row", [
+    ("late.tsv", "processid\tspecies_name\tnucleotides\n", "P{i}\tAus bus\t{seq}\n"),
+    ("late.fasta", "", ">P{i}|species=Aus bus\n{seq}\n"),
+])
+def test_a_nul_byte_past_the_first_64_kb_is_binary_too(tmp_path, name, header, row):
+    text = header + "".join(row.format(i=i, seq="ACGT" * 60) for i in range(400))  # ~100 KB
     at = text.index("\n", 90_000) + 5
-    tsv.write_bytes(text[:at].encode() + b"\0" + text[at:].encode())
+    path = tmp_path / name
+    path.write_bytes(text[:at].encode() + b"\0" + text[at:].encode())
     for reader in (bold.read, specimens.read_barcodes):
         with pytest.raises(ValueError) as e:
-            reader(tsv)
-        assert _one_line(e) == f"{tsv}: not a text file (binary data at byte {at})"
-    fasta = tmp_path / "late.fasta"
-    body = "".join(f">P{i}|species=Aus bus\n{'ACGT' * 60}\n" for i in range(400))
-    at = body.index("\n", 90_000) + 3
-    fasta.write_bytes(body[:at].encode() + b"\0" + body[at:].encode())
-    for reader in (bold.read, specimens.read_barcodes):
-        with pytest.raises(ValueError) as e:
-            reader(fasta)
-        assert _one_line(e) == f"{fasta}: not a text file (binary data at byte {at})"
+            reader(path)
+        assert _one_line(e) == f"{path}: not a text file (binary data at byte {at})"
 
 
 def test_text_that_is_not_utf8_is_still_text(tmp_path):

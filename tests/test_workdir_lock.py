@@ -13,6 +13,7 @@ import time
 import pytest
 
 from bioscan_jax.train import workdir_lock
+from conftest import mounted_tmpfs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 HOLDER = ("import sys, time; from bioscan_jax.train import workdir_lock as w; "
@@ -85,16 +86,8 @@ def test_run_py_names_a_workdir_that_is_a_file_in_one_line_before_any_data(tmp_p
 @pytest.fixture
 def read_only_dir(tmp_path):
     """A real read-only file system (a tmpfs mounted ``ro``; as root, chmod does not stop writes)."""
-    mount_point = tmp_path / "ro"
-    mount_point.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount_point)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here ({done.stderr.strip() or done.returncode})")
-    try:
+    with mounted_tmpfs(tmp_path, "ro,size=1m") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
 @pytest.mark.parametrize("sub", ["", "new"], ids=["existing", "to-create"])

@@ -45,8 +45,6 @@ def model_fingerprint(name: str, config) -> str:
     return fingerprint(parts)
 
 
-place_on_mesh = params_lib.place_on_mesh
-
 
 def embedding_path(workdir: str, split: str, name: str) -> str:
     return os.path.join(workdir, "embeddings", f"{split}__{name}.npz")
@@ -77,7 +75,7 @@ def load_embeddings(path: str, fingerprint: str, processid: np.ndarray) -> dict[
 
 def embed_model(encoder: Encoder, source, config, mesh) -> dict[str, np.ndarray]:
     """Embeds every record of ``source`` (in order) with ``encoder``; labels kept beside."""
-    place_on_mesh(encoder.model, mesh, config.sharding_rules)
+    params_lib.place_on_mesh(encoder.model, mesh, config.sharding_rules)
     batch_size = int(config.embed.batch_size)
     out = embed_lib.embed_batches(encoder.model, encoder.batches(source, batch_size), encoder.embed_fn,
                                   mesh=mesh, batch_size=batch_size, keep=KEEP)

@@ -312,14 +312,14 @@ def test_dna_encoder_init_from_a_workdir(tiny_run):
     from bioscan_jax.train import state as state_lib
 
     tx = optax.adamw(1e-3)
-    train_setup, state = state_lib.create_train_state(clibd_train.model_factory(setup), tx, setup.mesh)
+    train_setup, state = state_lib.create_train_state(clibd_train.model_factory(setup.model_config), tx, setup.mesh)
     state = state_lib.warm_start(train_setup, state, clibd_train.warm_start(pretrained))
     want = nnx.state(trained.dna.encoder, nnx.Param).to_pure_dict()
     for a, b in zip(jax.tree.leaves(state["params"]["dna"]["encoder"]), jax.tree.leaves(want)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
     # ... so the jitted init carries no parameter-sized constant (it would hold the encoder's weights).
-    text = jax.jit(lambda: nnx.state(clibd_train.model_factory(setup)(nnx.Rngs(0)))).lower().as_text()
+    text = jax.jit(lambda: nnx.state(clibd_train.model_factory(setup.model_config)(nnx.Rngs(0)))).lower().as_text()
     assert _largest_constant_bytes(text) < 1 << 20
     baked = jax.jit(lambda: nnx.state(clibd_train.build_model(setup, pretrained, nnx.Rngs(0)))).lower().as_text()
     assert _largest_constant_bytes(baked) >= 32 * 32 * 4  # the check sees weights when they are baked in

@@ -149,7 +149,7 @@ def test_the_paper_configs_scanned_towers_take_unrolled_pretrained_weights(tmp_p
 
     # the train loop's path: warm start of a scanned model's state from the unrolled encoder
     tx, _ = optim.make_optimizer(clibd_config.get_config("tiny").optim, total_steps=10, global_batch=8)
-    factory = clibd_train.model_factory(scanned_setup)
+    factory = clibd_train.model_factory(scanned_setup.model_config)
     setup = state_lib.abstract_train_state(factory, tx, mesh_lib.make_mesh({"data": 1}, jax.devices()[:1]))
     st = state_lib.warm_start(setup, state_lib.init_train_state(setup, factory, tx), clibd_train.warm_start(pretrained))
     warm = towers.encoder_of(setup.merge(st), "image").encoder

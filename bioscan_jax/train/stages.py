@@ -105,6 +105,11 @@ def mlm_validation(stage: ml_collections.ConfigDict, source, tokenizer, *, seed:
                          masked_only=bool(stage.masked_only), seed=seed, mesh=mesh, rules=rules)
 
 
+def mlm_model_factory(model_cfg: kmer_bert.KmerBertConfig):
+    """``rngs -> KmerBertForMLM``: the pretraining stage's model (the memory planner's too)."""
+    return lambda rngs: kmer_bert.KmerBertForMLM(model_cfg, rngs=rngs)
+
+
 def pretrain_mlm(config: ml_collections.ConfigDict, stage: ml_collections.ConfigDict, data: sources.Splits,
                  split: str, model_cfg: kmer_bert.KmerBertConfig, tokenizer, workdir: str, *,
                  worker_count: int = 0, evaluators: Sequence[loop.Evaluator] = ()) -> loop.TrainResult:
@@ -130,7 +135,7 @@ def pretrain_mlm(config: ml_collections.ConfigDict, stage: ml_collections.Config
                                   masked_only=bool(stage.masked_only))
     return loop.train(
         stage_config(config, stage), workdir,
-        model_factory=lambda rngs: kmer_bert.KmerBertForMLM(model_cfg, rngs=rngs),
+        model_factory=mlm_model_factory(model_cfg),
         loss_fn=losses.mlm_loss, data_iter_factory=data_iter, steps_per_epoch=len(source) // batch,
         identity=identity, evaluators=evaluators)
 

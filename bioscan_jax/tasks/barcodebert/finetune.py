@@ -16,6 +16,11 @@ from bioscan_jax.train import loop, losses
 from bioscan_jax.train.stages import dna_stage_identity, stage_config
 
 
+def classifier_factory(model_cfg: kmer_bert.KmerBertConfig, num_classes: int, pooling: str = "masked_mean"):
+    """``rngs -> KmerBertClassifier``: the fine-tuning stage's model (the memory planner's too)."""
+    return lambda rngs: kmer_bert.KmerBertClassifier(model_cfg, num_classes, pooling=pooling, rngs=rngs)
+
+
 def finetune_species(config: ml_collections.ConfigDict, stage: ml_collections.ConfigDict, data: sources.Splits,
                      split: str, model_cfg: kmer_bert.KmerBertConfig, tokenizer, workdir: str, *,
                      encoder: nnx.Module | None = None, encoder_identity: str = "",
@@ -38,9 +43,7 @@ def finetune_species(config: ml_collections.ConfigDict, stage: ml_collections.Co
     pooling = stage.get("pooling", "masked_mean")
     batch = stage.train.batch_size
 
-    def factory(rngs):
-        return kmer_bert.KmerBertClassifier(model_cfg, num_classes, pooling=pooling, rngs=rngs)
-
+    factory = classifier_factory(model_cfg, num_classes, pooling)
     warm_start = {}
     if encoder is not None:  # start the encoder from the pretrained one
         warm_start["bert"] = nnx.state(encoder, nnx.Param).to_pure_dict()

@@ -8,7 +8,8 @@ from bioscan_jax.data import dna as dna_lib
 from bioscan_jax.data import pipeline
 from bioscan_jax.models import kmer_bert
 from bioscan_jax.tasks import StepSpec
-from bioscan_jax.train import losses
+from bioscan_jax.tasks.barcodebert.finetune import classifier_factory
+from bioscan_jax.train import losses, stages
 
 #: The steps the planner can compile; the first (the one that needs the most memory) is its default.
 STAGES = ("pretrain", "finetune")
@@ -28,12 +29,12 @@ def step(config, stage: str, *, num_classes: int, text_vocab: int | None = None)
     notes = [f"BarcodeBERT {config.model.variant} ({stage}): k={cfg.k}, {cfg.num_layers} layers, hidden "
              f"{cfg.hidden_size}, {tokenizer.num_tokens} tokens, remat={cfg.remat}, scan_layers={cfg.scan_layers}"]
     if stage == "pretrain":
-        return StepSpec("barcodebert/pretrain", lambda rngs: kmer_bert.KmerBertForMLM(cfg, rngs=rngs),
+        return StepSpec("barcodebert/pretrain", stages.mlm_model_factory(cfg),
                         losses.mlm_loss, pipeline.dna_batch_spec(batch, tokenizer, mlm=True),
                         section.train, section.optim, notes)
     notes.append(f"classifier head of {num_classes} classes (--num-classes)")
     pooling = section.get("pooling", "masked_mean")
     return StepSpec("barcodebert/finetune",
-                    lambda rngs: kmer_bert.KmerBertClassifier(cfg, num_classes, pooling=pooling, rngs=rngs),
+                    classifier_factory(cfg, num_classes, pooling),
                     losses.classification_loss, pipeline.dna_batch_spec(batch, tokenizer, label=True),
                     section.train, section.optim, notes)

@@ -6,7 +6,6 @@ the contrastive loss of :func:`~bioscan_jax.tasks.clibd.training.make_loss_fn`, 
 from __future__ import annotations
 
 from bioscan_jax.data import pipeline
-from bioscan_jax.models import towers
 from bioscan_jax.tasks import StepSpec
 from bioscan_jax.tasks.clibd import training
 
@@ -43,5 +42,5 @@ def step(config, stage: str = "train", *, num_classes: int | None = None, text_v
         notes.append(f"text: {config.model.text.variant}, {config.model.text.max_length} tokens, vocabulary "
                      f"{text_vocab} (--text-vocab), remat={mcfg.text.remat}, scan_layers={mcfg.text.scan_layers}")
     notes.append(f"contrastive loss over {len(mcfg.modalities)} modalities, chunk_size={config.loss.chunk_size}")
-    return StepSpec("clibd", lambda rngs: towers.ClibdModel(mcfg, rngs=rngs), training.make_loss_fn(config),
+    return StepSpec("clibd", training.model_factory(mcfg), training.make_loss_fn(config),
                     shapes, config.train, config.optim, notes)

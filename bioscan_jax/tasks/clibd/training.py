@@ -309,13 +309,13 @@ def pretrained_encoders(config, setup: ClibdSetup, workdir: str) -> dict[str, di
     return out
 
 
-def model_factory(setup: ClibdSetup):
-    """``rngs -> ClibdModel`` at its random init (the train loop's factory). The pretrained
-    encoders come in through :func:`warm_start`, so the jitted init never carries them as
-    constants."""
+def model_factory(model_config: towers.ClibdConfig):
+    """``rngs -> ClibdModel`` at its random init (the train loop's factory, and the memory
+    planner's). The pretrained encoders come in through :func:`warm_start`, so the jitted init
+    never carries them as constants."""
 
     def factory(rngs: nnx.Rngs) -> towers.ClibdModel:
-        return towers.ClibdModel(setup.model_config, rngs=rngs)
+        return towers.ClibdModel(model_config, rngs=rngs)
 
     return factory
 
@@ -334,7 +334,7 @@ def warm_start(pretrained: Mapping[str, Any]) -> dict[str, Any]:
 def build_model(setup: ClibdSetup, pretrained: Mapping[str, Any], rngs: nnx.Rngs) -> towers.ClibdModel:
     """The model outside training (eagerly): random init with the pretrained encoders copied in,
     shapes checked (e.g. the "no alignment" baseline)."""
-    model = model_factory(setup)(rngs)
+    model = model_factory(setup.model_config)(rngs)
     for modality, state in pretrained.items():
         if modality == "dna_transform":
             towers.load_dna_transform(model, state)
@@ -425,7 +425,7 @@ def train_clibd(config, workdir: str, *, setup: ClibdSetup | None = None,
     loop.validate_config(config, steps_per_epoch=spe)
     t0 = time.perf_counter()
     result = loop.train(
-        config, os.path.join(workdir, "train"), model_factory=model_factory(setup),
+        config, os.path.join(workdir, "train"), model_factory=model_factory(setup.model_config),
         warm_start=(lambda: warm_start(pretrained)) if pretrained else None,
         loss_fn=make_loss_fn(config), data_iter_factory=lambda: train_iterator(config, setup),
         steps_per_epoch=spe, identity=run_identity(config, setup, pretrained), evaluators=evaluators)

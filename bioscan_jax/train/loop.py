@@ -226,18 +226,12 @@ def validate_config(config: Any, num_devices: int | None = None, steps_per_epoch
     else:
         mesh_sizes = dict(mesh.shape)
     t = config_access.get(config, "train")
-    batch = int(config_access.get(t, "batch_size", 64))
-    accum = int(config_access.get(t, "accum_steps", 1))
-
+    batch = int(config_access.get(t, "batch_size", default_config().train.batch_size))
+    accum = int(config_access.get(t, "accum_steps", default_config().train.accum_steps))
     mesh_lib.validate_batch(batch, mesh_sizes, accum)
     mesh_lib.normalize_rules(config_access.get(config, "sharding_rules"))
-    total = total_train_steps(config, steps_per_epoch)
-    optim_lib.make_schedule(config_access.get(config, "optim"), total_steps=total, global_batch=batch)
-    ck = config_access.get(config, "checkpoint")
-    if int(config_access.get(ck, "every", 1000)) < 0 or int(config_access.get(ck, "keep", 3)) < 0:
-        raise ValueError("config.checkpoint.every and config.checkpoint.keep must be >= 0")
-    if int(config_access.get(t, "log_every", 50)) <= 0:
-        raise ValueError("config.train.log_every must be >= 1")
+    settings = LoopSettings.read(config, steps_per_epoch)  # the length, logging and checkpoint fields
+    optim_lib.make_schedule(config_access.get(config, "optim"), total_steps=settings.total, global_batch=batch)
     return mesh
 
 
@@ -486,6 +480,12 @@ class LoopSettings:
     ckpt_every: int
     ckpt_keep: int
     async_save: bool
+
+    def __post_init__(self):
+        if self.ckpt_every < 0 or self.ckpt_keep < 0:
+            raise ValueError("config.checkpoint.every and config.checkpoint.keep must be >= 0")
+        if self.log_every <= 0:
+            raise ValueError("config.train.log_every must be >= 1")
 
     @classmethod
     def read(cls, config: Any, steps_per_epoch: int | None) -> LoopSettings:

@@ -59,7 +59,7 @@ class DiskFullError(OSError):
         return self.message
 
 
-def _is_disk_full(error: BaseException | None) -> bool:
+def is_disk_full(error: BaseException | None) -> bool:
     """Whether ``error`` (or what caused it) is ENOSPC; tensorstore reports it inside a
     ``ValueError('RESOURCE_EXHAUSTED: ... No space left on device [os_error_code='28']')``."""
     seen = 0
@@ -77,7 +77,7 @@ class _DropDiskFullRecords(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage() if record.args else str(record.msg)
         if record.exc_info and record.exc_info[1] is not None:
-            full = _is_disk_full(record.exc_info[1])
+            full = is_disk_full(record.exc_info[1])
         else:
             full = "No space left on device" in text
         if full:
@@ -268,7 +268,7 @@ class Checkpointer:
         self._pending = None
 
     def _raise_if_disk_full(self, error: BaseException) -> None:
-        if not _is_disk_full(error):
+        if not is_disk_full(error):
             return
         _AFTERMATH.disk_full()
         step, nbytes = self._pending or (None, 0)
@@ -358,7 +358,7 @@ class Checkpointer:
             self._manager.wait_until_finished()
             self._manager.close()
         except Exception as e:  # noqa: BLE001 - a disk-full save is reported by save()/wait()
-            if not _is_disk_full(e):
+            if not is_disk_full(e):
                 raise
             _AFTERMATH.disk_full()
 

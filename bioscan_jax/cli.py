@@ -131,7 +131,7 @@ def _image_embedder(args, towers=None):
     return image_embedder.ImageEmbedder(model, args.model, resize=resize, normalize=normalize)
 
 
-def _clibd_dna_embedder(args, towers):
+def clibd_dna_embedder(args, towers):
     """The CLIBD DNA tower of ``--model`` with the DNA tokenizer of its CLIBD evaluation: the
     run's ``model.dna.tokenization`` and ``data.max_nucleotides`` (``tasks/clibd/training.prepare``), or
     CLIBD's own v1 tokenization of 660 nt for a released ``best.pth`` (``dna_encoder.py``)."""
@@ -187,7 +187,7 @@ def _image_mode_reference(args, towers):
     DNA tower, plus the labelled images of ``--reference-images`` through its image tower."""
     from bioscan_jax.eval import identify, image_embedder
 
-    image_emb, dna_emb = _image_embedder(args, towers), _clibd_dna_embedder(args, towers)
+    image_emb, dna_emb = _image_embedder(args, towers), clibd_dna_embedder(args, towers)
     frame, source, import_skipped = _reference_records(args.reference, args)
     dna_ref = identify.build_reference(dna_emb, frame["id"].tolist(), frame["dna_barcode"].tolist(),
                                        identify.labels_of(frame), source=source, progress=not args.quiet)

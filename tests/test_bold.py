@@ -45,7 +45,7 @@ def test_fasta_round_trip(real_frame, tmp_path):
     subset = frame.iloc[::25].reset_index(drop=True).copy()
     subset.loc[0, "genus"] = pd.NA  # missing ranks stay missing
     subset.loc[1, "subfamily"] = "Tanypodinae"
-    subset["taxon"] = bold._lowest_rank_name(subset)
+    subset["taxon"] = bold.lowest_rank_name(subset)
     path = tmp_path / "records.fasta"
     assert bold.write_fasta(subset, path) == len(subset)
     text = path.read_text()

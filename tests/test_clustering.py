@@ -323,7 +323,7 @@ def test_umap_import_is_tensorflow_free():
 
     if "tensorflow" in sys.modules:
         pytest.skip("TensorFlow was already imported by another test")
-    zsc._import_umap()
+    zsc.import_umap()
     assert "tensorflow" not in sys.modules
     assert "umap.parametric_umap" not in sys.modules  # the temporary block is lifted
 

@@ -67,15 +67,15 @@ def test_disk_full_save_is_one_error_and_leaves_the_previous_checkpoint(small_di
 
 def test_disk_full_is_recognised_through_tensorstore_messages():
     wrapped = ValueError("RESOURCE_EXHAUSTED: Error writing ... No space left on device [os_error_code='28']")
-    assert checkpoint_lib._is_disk_full(wrapped)
+    assert checkpoint_lib.is_disk_full(wrapped)
     try:
         try:
             raise OSError(28, "No space")
         except OSError as inner:
             raise RuntimeError("save failed") from inner
     except RuntimeError as outer:
-        assert checkpoint_lib._is_disk_full(outer)
-    assert not checkpoint_lib._is_disk_full(ValueError("shape mismatch"))
+        assert checkpoint_lib.is_disk_full(outer)
+    assert not checkpoint_lib.is_disk_full(ValueError("shape mismatch"))
 
 
 _SAVE_ON_A_FULL_DISK = """

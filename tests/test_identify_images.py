@@ -159,7 +159,7 @@ def test_identify_images_agrees_with_the_clibd_benchmark(trained_run):
         np.testing.assert_allclose(z["embeddings"][test_rows], want["test"]["image"], atol=1e-5)
     args = cli.build_parser().parse_args(["identify", "--images", "--model", workdir, "--reference", "x",
                                           "--input", "x", "--out", "x"])
-    dna = cli._clibd_dna_embedder(args, (model, clibd_train.saved_config(workdir)))
+    dna = cli.clibd_dna_embedder(args, (model, clibd_train.saved_config(workdir)))
     keys = pd.read_csv(tmp / "reference.tsv", sep="\t", dtype=str)
     got = dna.embed(keys["processid"].tolist(), keys["nucleotides"].tolist())
     np.testing.assert_allclose(got.embeddings, np.concatenate([want["train"]["dna"], want["key_unseen"]["dna"]]),

@@ -218,7 +218,7 @@ def test_convert_writes_a_model_directory_that_is_itself_a_spec(tmp_path, barcod
     converted = dna_embedder.resolve(str(out)).loaded
     assert converted.protocol == bb_load.V1_PROTOCOL and converted.config == bb_load.load(path).config
     np.testing.assert_allclose(_ours(converted, barcodes), v1_reference_embedding(model, barcodes, k), atol=1e-4)
-    state = clibd_train._kmer_bert_state(str(out), converted.config)
+    state = clibd_train.dna_encoder_state(str(out), converted.config)
     ours = nnx.state(converted.model, nnx.Param).to_pure_dict()
     np.testing.assert_array_equal(state["encoder"]["embeddings"]["word"]["embedding"],
                                   ours["embeddings"]["word"]["embedding"])
@@ -246,7 +246,7 @@ def test_one_resolver_serves_the_cli_clibd_and_zsc(tmp_path, barcodes, monkeypat
     torch.save({"module." + key: v for key, v in model.state_dict().items()}, path)
     released = real(path)
     cli = dna_embedder.resolve(str(path)).loaded
-    clibd = clibd_train._kmer_bert_state(str(path), released.config)
+    clibd = clibd_train.dna_encoder_state(str(path), released.config)
     m = ml_collections.ConfigDict(dict(weights="checkpoint", path=str(path), frames=1,
                                        **bb_load.config_to_json(released.config)))
     monkeypatch.setattr(kmer_bert, "config_from", lambda section: released.config)

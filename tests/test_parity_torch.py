@@ -248,7 +248,7 @@ def test_vit_file_round_trip_and_timm_mapping(tmp_path):
     # export (hub layout) loads into a fresh HF model
     hf2 = transformers.ViTModel(hf.config, add_pooling_layer=False).eval()
     exported = hf_vit.export_hf_vit(ours)
-    hf2_sd = hf_vit._hf_canonical({k: v for k, v in hf2.state_dict().items()})
+    hf2_sd = hf_vit.hf_canonical({k: v for k, v in hf2.state_dict().items()})
     assert set(exported) == set(hf2_sd)
     torch_path = tmp_path / "export" / "pytorch_model.bin"
     torch_path.parent.mkdir()

@@ -112,3 +112,24 @@ def test_scanned_blocks_shard_like_the_unrolled_ones(plans):
     assert scanned["num_params"] == unrolled["num_params"]
     # The stacked axis is replicated ('layers' -> None): each block parameter keeps its shards.
     assert scanned["params"] == pytest.approx(unrolled["params"], rel=0.02)
+
+
+@pytest.mark.parametrize("config_file, stage, key", [
+    ("barcodebert", "pretrain", "ids"), ("barcodebert", "finetune", "label"), ("clibd", "train", "dna_ids")])
+def test_the_planner_compiles_from_the_pipelines_batch_spec(config_file, stage, key):
+    """The planner's batch is the pipeline's batch spec (tests/test_pipeline.py holds it equal to
+    what the pipelines yield): with the spec as declared the step traces; with a key renamed (as a
+    pipeline change would rename it) the planner's step fails, naming the key the model reads."""
+    import importlib
+
+    config = importlib.import_module(f"configs.{config_file}").get_config("tiny")
+    (config[stage] if config_file == "barcodebert" else config).train.batch_size = 4
+    spec = plan.step_spec(config, stage=stage, num_classes=10, text_vocab=50)
+    mesh = {"data": 1, "fsdp": 1, "tensor": 1}
+    setup, step, batch = plan.build(config, spec, mesh)
+    assert set(batch) == set(spec.batch) and key in batch
+    step.jitted.lower(setup.abstract_state, batch)
+    spec.batch = {("renamed_" + k if k == key else k): v for k, v in spec.batch.items()}
+    setup, step, batch = plan.build(config, spec, mesh)
+    with pytest.raises(KeyError, match=key):
+        step.jitted.lower(setup.abstract_state, batch)

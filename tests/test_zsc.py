@@ -288,7 +288,7 @@ def test_imported_vit_weights(tmp_path):
         zsc_encoders.check_model_config("imported", m)
         enc = zsc_encoders.image_encoder("imported", m, seed=0)
         np.testing.assert_allclose(np.asarray(enc.model(images)[0]), want, rtol=1e-5, atol=1e-5)
-        assert zsc_encoders._vit_config(zsc_configs.model("image", weights, variant="Ti/16")).layer_norm_eps == eps
+        assert zsc_encoders.vit_config(zsc_configs.model("image", weights, variant="Ti/16")).layer_norm_eps == eps
     # ImageNet normalisation happens inside the embedding function.
     norm = zsc_encoders.vit_embed_fn("imagenet")
     x = np.full((1, 32, 32, 3), 0.485, np.float32)

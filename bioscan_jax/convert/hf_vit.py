@@ -57,7 +57,7 @@ _CLS = "embeddings.cls_token"
 _POS = "embeddings.position_embeddings"
 
 
-def _hf_canonical(sd: Mapping[str, np.ndarray]) -> StateDict:
+def hf_canonical(sd: Mapping[str, np.ndarray]) -> StateDict:
     out = {}
     for k, v in sd.items():
         if _HF_V5_RENAMES[0][0].search(k):
@@ -128,7 +128,7 @@ def load_hf_vit(
     load_head: bool | None = None,
 ) -> dict[str, list[str]]:
     """Load an HF ``ViTModel`` / ``ViTForImageClassification`` checkpoint into ``model``."""
-    sd = _hf_canonical(load_state_dict(source))
+    sd = hf_canonical(load_state_dict(source))
     prefix = _find_prefix(sd, "embeddings.patch_embeddings.projection.weight")
     read = KeyReader(sd, prefix)
     _set_patch(model, read, "embeddings.patch_embeddings.projection")

@@ -968,7 +968,7 @@ def _string_array(values: np.ndarray, dtype: str) -> Any:
     return out if out.dtype == resolved else pd.array(values, dtype=dtype)
 
 
-def _lowest_rank_name(frame: pd.DataFrame, fallback: np.ndarray | None = None) -> pd.Series:
+def lowest_rank_name(frame: pd.DataFrame, fallback: np.ndarray | None = None) -> pd.Series:
     """The name at the lowest rank present in each row (species, then genus, ...)."""
     taxon = pd.Series(pd.NA, index=frame.index, dtype="string")
     for rank in RANKS:  # top down: each lower rank present overwrites

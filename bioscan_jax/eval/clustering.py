@@ -212,7 +212,7 @@ def prenorm_embeddings(embeddings: Mapping[str, ArrayLike], partition: ArrayLike
 # ----------------------------------------------------------------------------- reduction
 
 
-def _import_umap():
+def import_umap():
     """Imports umap-learn without its TensorFlow-backed ``ParametricUMAP`` (core stays TF-free).
 
     umap's package ``__init__`` tries ``from .parametric_umap import ...``, which imports
@@ -283,7 +283,7 @@ def reduce_embeddings(
         "reduction/n_neighbors": used,
         "reduction/n_neighbors_adapted": used != n_neighbors,
     })
-    umap = _import_umap()
+    umap = import_umap()
     reducer = umap.UMAP(
         n_components=n_components, n_neighbors=used, min_dist=min_dist, metric=metric, random_state=seed
     )

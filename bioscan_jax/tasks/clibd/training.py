@@ -226,7 +226,7 @@ def quiet_library_logs(level: int = logging.WARNING):
         absl_logger.setLevel(old)
 
 
-def _kmer_bert_state(path: str, cfg: kmer_bert.KmerBertConfig) -> dict[str, Any]:
+def dna_encoder_state(path: str, cfg: kmer_bert.KmerBertConfig) -> dict[str, Any]:
     """DNA encoder parameters (and, when the checkpoint has one, its MLM transform as
     ``'transform'``) from a run of this project (BarcodeBERT: its ``bert``; CLIBD: its DNA tower's
     encoder) or a released BarcodeBERT checkpoint in any format
@@ -286,7 +286,7 @@ def pretrained_encoders(config, setup: ClibdSetup, workdir: str) -> dict[str, di
     if dna_init == "mlm":
         out["dna"] = _mlm_pretrain(config, setup, workdir)
     elif dna_init:
-        state = _kmer_bert_state(dna_init, mcfg.dna)
+        state = dna_encoder_state(dna_init, mcfg.dna)
         out["dna"] = state["encoder"]
         if "transform" in state and mcfg.tower_mode == "reference":
             out["dna_transform"] = state["transform"]

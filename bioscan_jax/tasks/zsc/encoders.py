@@ -186,7 +186,7 @@ def vit_embed_fn(normalize: str) -> embed_lib.EmbedFn:
     return lambda model, batch: model(norm(batch["image"]))[0]
 
 
-def _vit_config(m: Any) -> vit.ViTConfig:
+def vit_config(m: Any) -> vit.ViTConfig:
     overrides = {**config_access.to_dict(m.overrides), "image_size": int(m.image_size) or 224}
     eps = float(m.layer_norm_eps) or (1e-6 if m.weights == "timm" else 1e-12)
     return vit.get_variant(m.variant or "B/16", **{"layer_norm_eps": eps, **overrides})
@@ -194,7 +194,7 @@ def _vit_config(m: Any) -> vit.ViTConfig:
 
 def image_encoder(name: str, m: Any, seed: int) -> Encoder:
     """Random-init or imported (HF / timm, converted on load) ViT."""
-    cfg = _vit_config(m)
+    cfg = vit_config(m)
     model = vit.ViT(cfg, rngs=nnx.Rngs(seed))
     if m.weights in ("hf", "timm"):
         from bioscan_jax.convert import hf_vit

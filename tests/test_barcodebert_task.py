@@ -133,9 +133,10 @@ def test_rerun_resumes_from_checkpoints_without_training_again(run_result, tmp_p
     ],
 )
 def test_config_errors_fail_before_any_data_is_built(tmp_path, overrides, message):
+    """Through the task's spec, as run.py checks a config (the test above goes through tasks.run)."""
     config = small_config(tmp_path, **overrides)
     with pytest.raises(ValueError, match=message):
-        tasks.run(config, str(tmp_path / "work"))
+        tasks.get("barcodebert").check_config(config)
     assert not (tmp_path / "tfds").exists()
 
 

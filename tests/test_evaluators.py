@@ -270,7 +270,7 @@ def test_selection_errors_fail_before_any_data_is_built(tmp_path, overrides, mes
     from bioscan_jax import tasks
 
     with pytest.raises(ValueError, match=message):
-        tasks.run(_finetune_config(tmp_path, **overrides), str(tmp_path / "work"))
+        tasks.get("barcodebert").check_config(_finetune_config(tmp_path, **overrides))
     assert not (tmp_path / "tfds").exists()
 
 

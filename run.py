@@ -14,7 +14,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from bioscan_jax import compilation_cache, config_errors, tasks, xla_cpu
+from bioscan_jax import compilation_cache, config_errors, malloc_tuning, tasks, xla_cpu
 from bioscan_jax import checkpoint
 from bioscan_jax.train import loop
 from bioscan_jax import sharding as mesh_lib
@@ -49,6 +49,7 @@ def main(argv):
     # Our modules log at INFO; the libraries' absl chatter (orbax, TFDS) only from WARNING.
     std_logging.getLogger("absl").setLevel(std_logging.WARNING)
     xla_cpu.apply_defaults()  # before any JAX computation: XLA reads XLA_FLAGS when its backend starts
+    malloc_tuning.configure()  # before the backend starts its threads (logs what it did)
     compilation_cache.enable()  # a rerun loads its compiled programs from disk
     from tensorflow_datasets.core.utils import tqdm_utils  # no TensorFlow import
 

@@ -47,8 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--prng", default="threefry2x32", help="JAX PRNG implementation (threefry2x32, rbg, unsafe_rbg)")
     p.add_argument("--tf32", action="store_true",
                    help="GPU f32 only: allow TF32 matmuls on both sides (default: full f32 on both)")
-    p.add_argument("--attention", default="einsum", choices=["einsum", "xla", "cudnn"],
-                   help="attention_impl of our model (cudnn: flash attention on GPU, bf16, no attention dropout)")
+    p.add_argument("--attention", default="auto", choices=["auto", "einsum", "blocked", "xla", "cudnn"],
+                   help="attention_impl of our model (auto: blocked on CPU where it wins; cudnn: flash attention on GPU, bf16, no attention dropout)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
     p.add_argument("--no-jax", action="store_true", help="skip our step")
     p.add_argument("--remat", action="store_true")

@@ -11,6 +11,7 @@ median and range; records/s of both; the machine line. One JSON line per result.
 
     python benchmarks/embed_benchmark.py                          # tiny, paper (8-4-4), 5_12_12 at batch 256
     python benchmarks/embed_benchmark.py --configs tiny --pairs 9
+    python benchmarks/embed_benchmark.py --attention auto,einsum   # our implementations, same run
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ def parse_args(argv=None):
     p.add_argument("--pairs", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--attention", default="auto,einsum",
+                   help="our attention implementations, comma separated, each paired with torch in one run "
+                        "(models.layers.ATTENTION_IMPLS; 'auto' is the default)")
     return p.parse_args(argv)
 
 
@@ -55,7 +59,7 @@ def bench(name: str, args) -> None:
     from bioscan_jax import sharding as mesh_lib
     from bioscan_jax.convert import barcodebert as bb_load
     from bioscan_jax.eval import embed as embed_lib
-    from bioscan_jax.models import kmer_bert
+    from bioscan_jax.models import kmer_bert, layers
 
     cfg = kmer_bert.get_variant(name)
     rng = np.random.default_rng(0)
@@ -71,9 +75,13 @@ def bench(name: str, args) -> None:
     batch = {"ids": ids, "attention_mask": mask}
     ids_t, mask_t = torch.tensor(ids, dtype=torch.long), torch.tensor(mask.astype(np.int64))
     out = {}
+    impls = [a.strip() for a in args.attention.split(",") if a.strip()]
 
-    def ours():
-        out["ours"] = embed_lib.embed_batches(loaded.model, [batch], fn, mesh=mesh, batch_size=args.batch)["embedding"]
+    def ours(impl):
+        def run():
+            layers.set_attention_impl(loaded.model, impl)
+            out[impl] = embed_lib.embed_batches(loaded.model, [batch], fn, mesh=mesh, batch_size=args.batch)["embedding"]
+        return run
 
     def torch_side():
         with torch.inference_mode():
@@ -81,14 +89,15 @@ def bench(name: str, args) -> None:
             m = mask_t.unsqueeze(-1).to(hidden.dtype)
             out["torch"] = ((hidden * m).sum(1) / m.sum(1)).numpy()
 
-    runs = paired({"ours": ours, "torch": torch_side}, args.pairs, args.warmup)
-    diff = float(np.abs(out["ours"] - out["torch"]).max())
-    for side in ("ours", "torch"):
-        s = statistics.median(runs[side]["times"])
+    runs = paired({**{f"ours:{i}": ours(i) for i in impls}, "torch": torch_side}, args.pairs, args.warmup)
+    for side, r in runs.items():
+        s = statistics.median(r["times"])
         emit(benchmark="embed", impl=side, config=name, batch=args.batch, tokens=t, batch_s=s,
-             records_per_s=args.batch / s, batch_s_all=runs[side]["times"])
-    emit(benchmark="embed_comparison", config=name, batch=args.batch, max_abs_diff=diff,
-         jax_devices=len(jax.devices()), **pair_ratios(runs["ours"], runs["torch"]))
+             records_per_s=args.batch / s, batch_s_all=r["times"])
+    for impl in impls:
+        diff = float(np.abs(out[impl] - out["torch"]).max())
+        emit(benchmark="embed_comparison", config=name, attention=impl, batch=args.batch, max_abs_diff=diff,
+             jax_devices=len(jax.devices()), **pair_ratios(runs[f"ours:{impl}"], runs["torch"]))
 
 
 def main(argv=None):

@@ -435,9 +435,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from bioscan_jax import compilation_cache, xla_cpu
+    from bioscan_jax import compilation_cache, malloc_tuning, xla_cpu
 
     xla_cpu.apply_defaults()  # before any JAX computation (docs/performance.md)
+    malloc_tuning.configure()  # before the backend starts its threads
     compilation_cache.enable()
     if args.command != "index" and not getattr(args, "model", None) and not os.path.isdir(getattr(args, "reference", "")):
         print("bioscan-jax: error: --model is needed unless --reference is an index", file=sys.stderr)

@@ -52,6 +52,7 @@ words (``jax.random.bernoulli``) cost a fifth of the tiny BarcodeBERT step.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Sequence
 
@@ -61,7 +62,7 @@ import numpy as np
 from flax import nnx
 from flax.core import spmd as core_spmd
 
-from bioscan_jax.sharding import constrain
+from bioscan_jax.sharding import BATCH_AXES, constrain
 
 Array = jax.Array
 Dtype = Any
@@ -248,9 +249,27 @@ def counter_bits(key: Array, n: int) -> Array:
     """
     if n >= 2**32:
         raise ValueError(f"counter_bits draws at most 2**32 - 1 words, asked for {n}")
-    seeds = jax.random.bits(key, (2,), jnp.uint32)
-    i = jax.lax.iota(jnp.uint32, n)
-    return _mix32(_mix32(i ^ seeds[0]) + seeds[1])
+    return _hashed_words(counter_seeds(key), jax.lax.iota(jnp.uint32, n))
+
+
+def counter_seeds(key: Array) -> Array:
+    """The two uint32 seed words :func:`counter_bits` draws from ``key``."""
+    return jax.random.bits(key, (2,), jnp.uint32)
+
+
+def _hashed_words(seeds: Array, counters: Array) -> Array:
+    return _mix32(_mix32(counters ^ seeds[0]) + seeds[1])
+
+
+def keep_mask_at(seeds: Array, index: Array, rate: float) -> tuple[Array, float]:
+    """The elements at flat positions ``index`` (uint32, any shape) of the mask that
+    :func:`keep_mask` draws for the key of ``seeds`` (:func:`counter_seeds`): element ``e`` is
+    16-bit half ``e % 2`` (low half first) of word ``e // 2``. Lets a blocked computation draw
+    its block of a large mask without materialising the whole mask."""
+    words = _hashed_words(seeds, index >> 1)
+    halves = jnp.where((index & 1) == 0, words & jnp.uint32(0xFFFF), words >> 16)
+    threshold = min(max(int(round(rate * 65536)), 0), 65535)
+    return halves >= jnp.uint32(threshold), (65536 - threshold) / 65536
 
 
 def keep_mask(key: Array, shape: Sequence[int], rate: float) -> tuple[Array, float]:
@@ -299,12 +318,16 @@ class Dropout(nnx.Module):
             return x
         if self.rate >= 1.0:
             return jnp.zeros_like(x)
+        keep, p = keep_mask(self.key(rngs), x.shape, self.rate)
+        return jnp.where(keep, x * jnp.asarray(1.0 / p, x.dtype), jnp.zeros((), x.dtype))
+
+
+    def key(self, rngs: Any = None) -> Array:
+        """The next key of this dropout's stream (or of ``rngs``), as a call would draw it."""
         stream = rngs if rngs is not None else self.rngs
         if stream is None:
             raise ValueError("Dropout is not deterministic but has no rngs: build it with rngs=nnx.Rngs(...)")
-        key = stream() if callable(stream) else stream
-        keep, p = keep_mask(key, x.shape, self.rate)
-        return jnp.where(keep, x * jnp.asarray(1.0 / p, x.dtype), jnp.zeros((), x.dtype))
+        return stream() if callable(stream) else stream
 
 
 class DropPath(nnx.Module):
@@ -335,7 +358,153 @@ def _activation(name: str) -> Callable[[Array], Array]:
     raise ValueError(f"unknown activation {name!r}; use 'gelu' (erf), 'gelu_tanh' or 'relu'")
 
 
-ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "einsum", "blocked", "xla", "cudnn")
+# Scores per block of blocked attention, per batch shard: small enough to stay in a CPU's L2/L3
+# (docs/performance.md, "Blocked attention").
+BLOCK_SCORE_BYTES = 2 * 2**20
+
+
+def resolve_attention_impl(impl: str, *, head_dim: int, training: bool) -> str:
+    """``'auto'`` is ``'blocked'`` on the CPU backend for inference at any head size and for
+    training with heads of at most 32 dims, ``'einsum'`` otherwise. XLA:CPU runs many small
+    batched dots several times slower than a few cache-sized ones; in training with larger
+    heads the backward pass's recomputed scores cost more than the blocking saves
+    (docs/performance.md, "Blocked attention")."""
+    if impl != "auto":
+        return impl
+    blocked = jax.default_backend() == "cpu" and (not training or head_dim <= 32)
+    return "blocked" if blocked else "einsum"
+
+
+def set_attention_impl(model: nnx.Module, impl: str) -> None:
+    """Sets ``attention_impl`` of every :class:`MultiHeadAttention` in ``model`` (e.g. a loaded
+    model, to compare implementations on the same weights)."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, MultiHeadAttention):
+            module.attention_impl = impl
+
+
+def _batch_shards() -> int:
+    """How many ways the batch is split in the enclosing mesh context (1 outside one)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    return math.prod(sizes.get(a, 1) for a in BATCH_AXES)
+
+
+def block_records(batch: int, heads: int, tokens: int, shards: int = 1) -> int:
+    """Records per block of :func:`blocked_attention`: the smallest divisor of ``batch`` that
+    holds :data:`BLOCK_SCORE_BYTES` of float32 scores per shard and splits evenly over
+    ``shards`` (``batch`` itself, one block, when none does)."""
+    per_shard = max(1, BLOCK_SCORE_BYTES // (heads * tokens * tokens * 4))
+    want = per_shard * shards
+    for r in range(want, batch):
+        if batch % r == 0 and r % shards == 0:
+            return r
+    return batch
+
+
+def blocked_attention(q: Array, k: Array, v: Array, mask: Array | None, *, dropout: tuple[Array, float] | None = None,
+                      records: int | None = None) -> Array:
+    """Softmax attention computed a block of records at a time (``jax.lax.map``), the same
+    numbers as the one-shot einsums of :class:`MultiHeadAttention`, forward and backward.
+
+    ``q`` (already scaled), ``k``, ``v`` [B, T, H, Dh]; ``mask`` boolean broadcastable to
+    [B, 1, 1, T] or None; ``dropout`` ``(seeds, rate)`` draws exactly the mask
+    :class:`Dropout` would draw over the whole [B, H, T, T] probabilities (:func:`keep_mask_at`).
+    Block ``i`` holds records ``i, i + n, i + 2n, ...`` (``n`` blocks): the batch's major factor,
+    the one a mesh shards, stays whole inside each block. Each block's scores stay in cache,
+    which on XLA:CPU makes the attention several times faster at BarcodeBERT's shapes. The
+    backward pass (a custom VJP) recomputes each block's probabilities from q, k and the
+    per-row log-sum-exp instead of storing the [B, H, T, T] probabilities.
+    """
+    b, t, h, _ = q.shape
+    r = records or block_records(b, h, t, _batch_shards())
+    mask = jnp.broadcast_to(jnp.ones((b, 1, 1, t), bool) if mask is None else mask, (b, 1, 1, t))
+    seeds, rate = dropout if dropout is not None else (jnp.zeros((2,), jnp.uint32), 0.0)
+    return _blocked(q, k, v, mask, seeds, float(rate), int(r))
+
+
+def _split_blocks(x: Array, r: int) -> Array:
+    """[B, ...] -> [B // r, r, ...]: block i holds records i, i + n, ... (n = B // r)."""
+    return jnp.moveaxis(x.reshape(r, x.shape[0] // r, *x.shape[1:]), 1, 0)
+
+
+def _join_blocks(x: Array) -> Array:
+    """Inverse of :func:`_split_blocks`."""
+    return jnp.moveaxis(x, 0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def _over_blocks(fn: Callable, r: int, *arrays: Array):
+    """``fn(i, *blocks)`` for every block ``i`` (sequentially), outputs joined back to [B, ...]."""
+    n = arrays[0].shape[0] // r
+    if n == 1:
+        return fn(jnp.zeros((), jnp.int32), *arrays)
+    out = jax.lax.map(lambda a: fn(*a), (jnp.arange(n, dtype=jnp.int32), *(_split_blocks(x, r) for x in arrays)))
+    return jax.tree.map(_join_blocks, out)
+
+
+def _block_probs(i, qb, kb, mb, seeds, rate: float, n: int):
+    """A block's softmax probabilities (float32), its per-row log-sum-exp, and the dropout
+    factor (``keep / p``, or None without dropout)."""
+    r, t, h, _ = qb.shape
+    scores = jnp.einsum("bqhd,bkhd->bhqk", qb, kb, preferred_element_type=jnp.float32)
+    scores = jnp.where(mb, scores, jnp.finfo(jnp.float32).min)
+    top = jax.lax.stop_gradient(scores.max(-1, keepdims=True))
+    e = jnp.exp(scores - top)
+    total = e.sum(-1, keepdims=True)
+    probs = e / total
+    if rate == 0.0:
+        return probs, top + jnp.log(total), None
+    rec = (jnp.arange(r, dtype=jnp.uint32) * jnp.uint32(n) + i.astype(jnp.uint32))[:, None, None, None]
+    iota = functools.partial(jax.lax.broadcasted_iota, jnp.uint32, (1, h, t, t))
+    keep, p = keep_mask_at(seeds, ((rec * h + iota(1)) * t + iota(2)) * t + iota(3), rate)
+    return probs, top + jnp.log(total), jnp.where(keep, jnp.float32(1.0 / p), jnp.float32(0.0))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _blocked(q, k, v, mask, seeds, rate: float, r: int):
+    return _blocked_fwd(q, k, v, mask, seeds, rate, r)[0]
+
+
+def _blocked_fwd(q, k, v, mask, seeds, rate: float, r: int):
+    n = q.shape[0] // r
+
+    def block(i, qb, kb, vb, mb):
+        probs, lse, drop = _block_probs(i, qb, kb, mb, seeds, rate, n)
+        if drop is not None:
+            probs = probs * drop
+        return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(vb.dtype), vb), lse
+
+    out, lse = _over_blocks(block, r, q, k, v, mask)
+    return out, (q, k, v, mask, seeds, lse)
+
+
+def _blocked_bwd(rate: float, r: int, res, g):
+    q, k, v, mask, seeds, lse = res
+    n = q.shape[0] // r
+
+    def block(i, qb, kb, vb, mb, lb, gb):
+        scores = jnp.einsum("bqhd,bkhd->bhqk", qb, kb, preferred_element_type=jnp.float32)
+        probs = jnp.exp(jnp.where(mb, scores, jnp.finfo(jnp.float32).min) - lb)
+        dprobs = jnp.einsum("bqhd,bkhd->bhqk", gb, vb, preferred_element_type=jnp.float32)
+        used = probs
+        if rate:
+            drop = _block_probs(i, qb, kb, mb, seeds, rate, n)[2]
+            used, dprobs = probs * drop, dprobs * drop
+        dv = jnp.einsum("bhqk,bqhd->bkhd", used.astype(gb.dtype), gb)
+        dscores = probs * (dprobs - (dprobs * probs).sum(-1, keepdims=True))
+        dscores = jnp.where(mb, dscores, 0.0).astype(qb.dtype)
+        return jnp.einsum("bhqk,bkhd->bqhd", dscores, kb), jnp.einsum("bhqk,bqhd->bkhd", dscores, qb), dv
+
+    dq, dk, dv = _over_blocks(block, r, q, k, v, mask, lse, g)
+    return dq, dk, dv, None, None
+
+
+_blocked.defvjp(_blocked_fwd, _blocked_bwd)
 
 
 class MultiHeadAttention(nnx.Module):
@@ -345,7 +514,9 @@ class MultiHeadAttention(nnx.Module):
     ``out.kernel`` [heads, kv, embed], ``out.bias`` [embed]. (HF stores q, k and v as three
     ``Linear`` layers; the converters split and join them.) Softmax runs in float32.
 
-    ``attention_impl``: ``'einsum'`` (default; explicit scores, supports attention dropout),
+    ``attention_impl``: ``'einsum'`` (explicit scores in one shot), ``'blocked'``
+    (:func:`blocked_attention`: the same numbers a cache-sized block of records at a time),
+    ``'auto'`` (default: blocked on CPU, einsum elsewhere; :func:`resolve_attention_impl`),
     or ``'xla'`` / ``'cudnn'`` for ``jax.nn.dot_product_attention`` with that implementation
     (cuDNN flash attention on NVIDIA GPUs: bf16/fp16 only, and jax 0.11 rejects sequence lengths
     it has no kernel for, e.g. ViT-B/16's 197 tokens), used whenever attention dropout is
@@ -359,7 +530,7 @@ class MultiHeadAttention(nnx.Module):
         *,
         qkv_bias: bool = True,
         attention_dropout: float = 0.0,
-        attention_impl: str = "einsum",
+        attention_impl: str = "auto",
         kernel_init: Callable[..., Array] = default_kernel_init,
         dtype: Dtype | None = None,
         param_dtype: Dtype = jnp.float32,
@@ -387,10 +558,15 @@ class MultiHeadAttention(nnx.Module):
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         scale = 1.0 / math.sqrt(self.head_dim)
         det = self.attn_dropout.deterministic if deterministic is None else deterministic
-        if self.attention_impl != "einsum" and (det or self.attn_dropout.rate == 0.0):
-            ctx = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=self.attention_impl)
+        impl = resolve_attention_impl(self.attention_impl, head_dim=self.head_dim, training=not det)
+        no_dropout = det or self.attn_dropout.rate == 0.0
+        if impl in ("xla", "cudnn") and no_dropout:
+            ctx = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=impl)
             return self.out(ctx)
         q = q * jnp.asarray(scale, q.dtype)
+        if impl == "blocked":
+            drop = None if no_dropout else (counter_seeds(self.attn_dropout.key()), self.attn_dropout.rate)
+            return self.out(blocked_attention(q, k, v, mask, dropout=drop))
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
         if mask is not None:  # same as HF's additive finfo.min mask
             scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
@@ -436,7 +612,7 @@ class BlockConfig:
     attention_dropout: float = 0.0
     activation: str = "gelu"
     qkv_bias: bool = True
-    attention_impl: str = "einsum"
+    attention_impl: str = "auto"
     initializer_range: float = 0.02
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
@@ -687,7 +863,7 @@ class BertConfig:
     initializer_range: float = 0.02
     vocab_size: int | None = None
     hidden_act: str = "gelu"  # exact erf, as HF "gelu"
-    attention_impl: str = "einsum"  # or "xla" / "cudnn" (jax.nn.dot_product_attention when no attn dropout)
+    attention_impl: str = "auto"  # see MultiHeadAttention
     dtype: Any = None  # compute dtype (None: float32 params → float32 compute)
     param_dtype: Any = jnp.float32
     remat: bool = False

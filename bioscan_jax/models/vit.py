@@ -65,7 +65,7 @@ class ViTConfig:
     fc_norm: bool = False  # timm 'avg' models: the final norm runs after pooling, not before
     qkv_bias: bool = True
     hidden_act: str = "gelu"  # exact erf GELU (HF and timm)
-    attention_impl: str = "einsum"  # or "xla" / "cudnn" (jax.nn.dot_product_attention when no attn dropout)
+    attention_impl: str = "auto"  # see layers.MultiHeadAttention
     initializer_range: float = 0.02
     dtype: Any = None
     param_dtype: Any = jnp.float32

@@ -9,7 +9,7 @@ from flax import nnx
 
 from bioscan_jax.models import layers
 
-DIM, HEADS = 16, 2  # head_dim 8: 'auto' blocks in training too
+DIM, HEADS = 16, 2  # head_dim 8
 
 
 def _inputs(batch=6, tokens=9):
@@ -89,10 +89,10 @@ def test_block_records_rule(monkeypatch):
 
 def test_auto_resolution():
     assert jax.default_backend() == "cpu"
-    assert layers.resolve_attention_impl("auto", head_dim=192, training=False) == "blocked"
-    assert layers.resolve_attention_impl("auto", head_dim=32, training=True) == "blocked"
-    assert layers.resolve_attention_impl("auto", head_dim=64, training=True) == "einsum"
-    assert layers.resolve_attention_impl("einsum", head_dim=8, training=False) == "einsum"
+    assert layers.resolve_attention_impl("auto", head_dim=32) == "blocked"
+    assert layers.resolve_attention_impl("auto", head_dim=64) == "blocked"
+    assert layers.resolve_attention_impl("auto", head_dim=192) == "einsum"
+    assert layers.resolve_attention_impl("einsum", head_dim=8) == "einsum"
 
 
 def test_set_attention_impl():

@@ -364,16 +364,14 @@ ATTENTION_IMPLS = ("auto", "einsum", "blocked", "xla", "cudnn")
 BLOCK_SCORE_BYTES = 2 * 2**20
 
 
-def resolve_attention_impl(impl: str, *, head_dim: int, training: bool) -> str:
-    """``'auto'`` is ``'blocked'`` on the CPU backend for inference at any head size and for
-    training with heads of at most 32 dims, ``'einsum'`` otherwise. XLA:CPU runs many small
-    batched dots several times slower than a few cache-sized ones; in training with larger
-    heads the backward pass's recomputed scores cost more than the blocking saves
-    (docs/performance.md, "Blocked attention")."""
+def resolve_attention_impl(impl: str, *, head_dim: int) -> str:
+    """``'auto'`` is ``'blocked'`` on the CPU backend for heads of at most 64 dims and
+    ``'einsum'`` otherwise. XLA:CPU runs many small batched dots several times slower than a few
+    cache-sized ones; with 192-dim heads (BarcodeBERT 8-4-4) the dots are large enough already
+    and blocking measured slower (docs/performance.md, "Blocked attention")."""
     if impl != "auto":
         return impl
-    blocked = jax.default_backend() == "cpu" and (not training or head_dim <= 32)
-    return "blocked" if blocked else "einsum"
+    return "blocked" if jax.default_backend() == "cpu" and head_dim <= 64 else "einsum"
 
 
 def set_attention_impl(model: nnx.Module, impl: str) -> None:
@@ -516,7 +514,8 @@ class MultiHeadAttention(nnx.Module):
 
     ``attention_impl``: ``'einsum'`` (explicit scores in one shot), ``'blocked'``
     (:func:`blocked_attention`: the same numbers a cache-sized block of records at a time),
-    ``'auto'`` (default: blocked on CPU, einsum elsewhere; :func:`resolve_attention_impl`),
+    ``'auto'`` (default: blocked on CPU for heads of up to 64 dims, einsum otherwise;
+    :func:`resolve_attention_impl`),
     or ``'xla'`` / ``'cudnn'`` for ``jax.nn.dot_product_attention`` with that implementation
     (cuDNN flash attention on NVIDIA GPUs: bf16/fp16 only, and jax 0.11 rejects sequence lengths
     it has no kernel for, e.g. ViT-B/16's 197 tokens), used whenever attention dropout is
@@ -558,7 +557,7 @@ class MultiHeadAttention(nnx.Module):
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         scale = 1.0 / math.sqrt(self.head_dim)
         det = self.attn_dropout.deterministic if deterministic is None else deterministic
-        impl = resolve_attention_impl(self.attention_impl, head_dim=self.head_dim, training=not det)
+        impl = resolve_attention_impl(self.attention_impl, head_dim=self.head_dim)
         no_dropout = det or self.attn_dropout.rate == 0.0
         if impl in ("xla", "cudnn") and no_dropout:
             ctx = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=impl)

@@ -384,6 +384,17 @@ def _checkpointable(it: Any) -> bool:
     return hasattr(it, "get_state") and hasattr(it, "set_state")
 
 
+def _open_data(data_iter_factory: Callable[[], Iterator]) -> tuple[Iterator, Any]:
+    """``(iterator, what a checkpoint saves of it)``: the iterator itself when its position can
+    be checkpointed, else None, with a warning that a resumed run restarts it."""
+    data_iter = data_iter_factory()
+    if _checkpointable(data_iter):
+        return data_iter, data_iter
+    logger.warning("the data iterator has no get_state/set_state: its position is not checkpointed "
+                   "and a resumed run restarts it from the beginning")
+    return data_iter, None
+
+
 def train(
     config: Any,
     workdir: str | os.PathLike,
@@ -442,8 +453,8 @@ def train(
     logger.info("mesh %s; %d parameters", dict(mesh.shape),
                 sum(math.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state["params"])))
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=settings.ckpt_keep, async_save=settings.async_save)
-    data_iter = data_iter_factory()
-    state, start = _restore_or_init(ckpt, setup, model_factory, tx, settings.seed, data_iter, warm_start, workdir)
+    data_iter, saved_data = _open_data(data_iter_factory)
+    state, start = _restore_or_init(ckpt, setup, model_factory, tx, settings.seed, saved_data, warm_start, workdir)
     result = functools.partial(TrainResult, setup=setup, workdir=workdir, start_step=start, fingerprint=digest)
     if start >= settings.total:
         ckpt.close()
@@ -454,7 +465,8 @@ def train(
                            progress_bar=settings.progress_bar)
     try:
         with _StopSignals() as stop:
-            loop = _StepLoop(settings, mesh, setup, train_step, data_iter, ckpt, writer, tuple(evaluators), workdir)
+            loop = _StepLoop(settings, mesh, setup, train_step, data_iter, saved_data, ckpt, writer, tuple(evaluators),
+                             workdir)
             state = loop.run(state, start, stop)
     finally:
         writer.close()
@@ -520,15 +532,11 @@ def _claim_workdir(config: Any, workdir: str, identity: Mapping[str, Any] | None
 
 
 def _restore_or_init(ckpt: Checkpointer, setup: TrainSetup, model_factory: ModelFactory, tx, seed: int,
-                     data_iter, warm_start, workdir: str) -> tuple[TrainState, int]:
-    """``(state, step)``: the newest checkpoint (with the data iterator's position, when it has
-    one), else the random init with ``warm_start`` applied."""
-    saves_data = _checkpointable(data_iter)
-    if not saves_data:
-        logger.warning("the data iterator has no get_state/set_state: its position is not checkpointed "
-                       "and a resumed run restarts it from the beginning")
+                     saved_data, warm_start, workdir: str) -> tuple[TrainState, int]:
+    """``(state, step)``: the newest checkpoint (with the data iterator's position restored into
+    ``saved_data``, when there is one), else the random init with ``warm_start`` applied."""
     if ckpt.latest_step() is not None:
-        state, start = ckpt.restore(setup.abstract_state, data_iter if saves_data else None)
+        state, start = ckpt.restore(setup.abstract_state, saved_data)
         logger.info("resumed from %s/checkpoints step %d", workdir, start)
         return state, start
     state = init_train_state(setup, model_factory, tx, seed=seed)
@@ -544,16 +552,17 @@ class _Throughput:
     def __init__(self, global_batch: int):
         self.global_batch = global_batch
         self.first_step_s: float | None = None
-        self._restart()
+        self.restart()
 
-    def _restart(self) -> None:
+    def restart(self) -> None:
+        """Starts a new interval (after a log line, or after the first step)."""
         self.steps, self.t0, self.pause = 0, time.perf_counter(), 0.0
 
     def stepped(self, metrics) -> None:
         if self.first_step_s is None:
             jax.block_until_ready(metrics)
             self.first_step_s = time.perf_counter() - self.t0
-            self._restart()
+            self.restart()
         else:
             self.steps += 1
 
@@ -565,9 +574,6 @@ class _Throughput:
             record["steps_per_s"] = self.steps / dt
             if "num_tokens" in record:
                 record["tokens_per_s"] = record["num_tokens"] * self.steps / dt
-
-    def restart(self) -> None:
-        self._restart()
 
     @contextlib.contextmanager
     def paused(self):
@@ -588,6 +594,7 @@ class _StepLoop:
     setup: TrainSetup
     train_step: Callable
     data_iter: Any
+    saved_data: Any  # data_iter when its position is checkpointed, else None
     ckpt: Checkpointer
     writer: MetricsWriter
     evaluators: tuple
@@ -597,7 +604,6 @@ class _StepLoop:
         self.pending: list[tuple[int, dict[str, jax.Array]]] = []
         self.interval: list[dict[str, float]] = []
         self.throughput = _Throughput(self.settings.global_batch)
-        self.saved_data = self.data_iter if _checkpointable(self.data_iter) else None
 
     def next_batch(self, step: int) -> dict[str, jax.Array]:
         """The next process-local batch, checked and placed on the mesh as one global batch."""

@@ -25,12 +25,11 @@ def step(config, stage: str = "train", *, num_classes: int | None = None, text_v
         text_vocab = text_model.get_variant(config.model.text.variant).vocab_size
     mcfg = training.model_config(config, text_vocab_size=text_vocab)
     batch = int(config.train.batch_size)
-    positives = str(config.loss.positives or "")
     tokenizer = training.dna_tokenizer(config, mcfg.dna.k) if mcfg.dna is not None else None
     shapes = pipeline.clibd_batch_spec(
         batch, tokenizer=tokenizer, text_length=int(config.model.text.max_length),
         image_size=mcfg.image.image_size if mcfg.image is not None else 0,
-        label_ranks=(positives,) if positives else (), modalities=mcfg.modalities)
+        label_ranks=training.positive_label_ranks(config), modalities=mcfg.modalities)
     notes = []
     if mcfg.image is not None:
         notes.append(f"image: ViT {config.model.image.variant} at {mcfg.image.image_size} px, "

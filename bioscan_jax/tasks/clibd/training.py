@@ -188,14 +188,20 @@ def dna_tokenizer(config, k: int) -> dna_lib.KmerTokenizer:
     return dna_lib.tokenizer_for(config.model.dna.tokenization, k, max_nucleotides=int(config.data.max_nucleotides))
 
 
+def positive_label_ranks(config) -> tuple[str, ...]:
+    """The label column whose equal values are positives of the contrastive loss
+    (``loss.positives``), as the batches' ``label_ranks``: ``()`` when only the pair itself is."""
+    positives = str(config.loss.positives or "")
+    return (positives,) if positives else ()
+
+
 def train_iterator(config, setup: ClibdSetup) -> Iterator[Mapping[str, np.ndarray]]:
     """The training batches: CLIBD augmentation, tokenised DNA, taxonomy text, positive labels."""
     d = config.data
-    positives = str(config.loss.positives or "")
     return iter(pipeline.clibd_pipeline(
         setup.train_source, tokenizer=setup.tokenizer, vocab=setup.vocab,
         batch_size=mesh_lib.process_batch_size(int(config.train.batch_size)), train=True, seed=config.seed,
-        label_ranks=(positives,) if positives else (), dna_random_offset=bool(d.dna_random_offset),
+        label_ranks=positive_label_ranks(config), dna_random_offset=bool(d.dna_random_offset),
         image_size=int(d.image_size), resize=int(d.resize), normalize=bool(d.normalize_images),
         worker_count=int(d.worker_count), read_threads=d.get("read_threads") or None,
         prefetch=d.get("prefetch") or None, reshuffle_each_epoch=bool(d.reshuffle_each_epoch)))
@@ -348,7 +354,7 @@ def build_model(setup: ClibdSetup, pretrained: Mapping[str, Any], rngs: nnx.Rngs
 
 def make_loss_fn(config):
     """``(model, batch, *, train) -> (loss, metrics)``: InfoNCE over all ordered modality pairs."""
-    positives = str(config.loss.positives or "")
+    label_key = [f"label_{rank}" for rank in positive_label_ranks(config)]
     chunk = int(config.loss.chunk_size or 0) or None
     learnable = bool(config.loss.learnable_scale)
     max_scale = float(config.loss.max_scale or 0) or None
@@ -356,7 +362,7 @@ def make_loss_fn(config):
     def loss_fn(model, batch, *, train: bool):
         del train
         features, _ = model(batch)
-        labels = batch[f"label_{positives}"] if positives else None
+        labels = batch[label_key[0]] if label_key else None
         return contrastive_loss(features, model.log_scale[...], labels=labels, chunk_size=chunk,
                                 trainable_scale=learnable, max_scale=max_scale)
 

@@ -268,8 +268,13 @@ def keep_mask_at(seeds: Array, index: Array, rate: float) -> tuple[Array, float]
     its block of a large mask without materialising the whole mask."""
     words = _hashed_words(seeds, index >> 1)
     halves = jnp.where((index & 1) == 0, words & jnp.uint32(0xFFFF), words >> 16)
-    threshold = min(max(int(round(rate * 65536)), 0), 65535)
+    threshold = _drop_threshold(rate)
     return halves >= jnp.uint32(threshold), (65536 - threshold) / 65536
+
+
+def _drop_threshold(rate: float) -> int:
+    """The 16-bit draw below which an element is dropped (``rate`` quantised to 1/65536)."""
+    return min(max(int(round(rate * 65536)), 0), 65535)
 
 
 def keep_mask(key: Array, shape: Sequence[int], rate: float) -> tuple[Array, float]:
@@ -283,7 +288,7 @@ def keep_mask(key: Array, shape: Sequence[int], rate: float) -> tuple[Array, flo
     n = math.prod(shape)
     words = counter_bits(key, (n + 1) // 2)
     halves = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(-1)[:n].reshape(shape)
-    threshold = min(max(int(round(rate * 65536)), 0), 65535)
+    threshold = _drop_threshold(rate)
     return halves >= jnp.uint16(threshold), (65536 - threshold) / 65536
 
 
@@ -320,7 +325,6 @@ class Dropout(nnx.Module):
             return jnp.zeros_like(x)
         keep, p = keep_mask(self.key(rngs), x.shape, self.rate)
         return jnp.where(keep, x * jnp.asarray(1.0 / p, x.dtype), jnp.zeros((), x.dtype))
-
 
     def key(self, rngs: Any = None) -> Array:
         """The next key of this dropout's stream (or of ``rngs``), as a call would draw it."""
@@ -455,12 +459,18 @@ def _block_probs(i, qb, kb, mb, seeds, rate: float, n: int):
     e = jnp.exp(scores - top)
     total = e.sum(-1, keepdims=True)
     probs = e / total
+    return probs, top + jnp.log(total), _block_dropout(i, r, h, t, seeds, rate, n)
+
+
+def _block_dropout(i, r: int, h: int, t: int, seeds, rate: float, n: int):
+    """Block ``i``'s dropout factor over its [r, h, t, t] probabilities (``keep / p``; None
+    without dropout): the elements of the whole batch's mask at the block's records."""
     if rate == 0.0:
-        return probs, top + jnp.log(total), None
+        return None
     rec = (jnp.arange(r, dtype=jnp.uint32) * jnp.uint32(n) + i.astype(jnp.uint32))[:, None, None, None]
     iota = functools.partial(jax.lax.broadcasted_iota, jnp.uint32, (1, h, t, t))
     keep, p = keep_mask_at(seeds, ((rec * h + iota(1)) * t + iota(2)) * t + iota(3), rate)
-    return probs, top + jnp.log(total), jnp.where(keep, jnp.float32(1.0 / p), jnp.float32(0.0))
+    return jnp.where(keep, jnp.float32(1.0 / p), jnp.float32(0.0))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
@@ -490,8 +500,8 @@ def _blocked_bwd(rate: float, r: int, res, g):
         probs = jnp.exp(jnp.where(mb, scores, jnp.finfo(jnp.float32).min) - lb)
         dprobs = jnp.einsum("bqhd,bkhd->bhqk", gb, vb, preferred_element_type=jnp.float32)
         used = probs
-        if rate:
-            drop = _block_probs(i, qb, kb, mb, seeds, rate, n)[2]
+        drop = _block_dropout(i, qb.shape[0], qb.shape[2], qb.shape[1], seeds, rate, n)
+        if drop is not None:
             used, dprobs = probs * drop, dprobs * drop
         dv = jnp.einsum("bhqk,bqhd->bkhd", used.astype(gb.dtype), gb)
         dscores = probs * (dprobs - (dprobs * probs).sum(-1, keepdims=True))
